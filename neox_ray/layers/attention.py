@@ -1,0 +1,196 @@
+"""Causal attention over a flattened, padding-free batch with a paged KV cache: one call site, three backends.
+
+A step's batch is S sequences packed into T tokens. :class:`AttentionMetadata` says where each sequence's
+new tokens sit (``query_start_loc``), how long its context is after this step (``context_lens``), which
+cache slots the new keys/values go to (``slot_mapping``) and which cache blocks hold its context
+(``block_tables``). The cache itself is one preallocated tensor per layer of shape
+``(2, num_blocks, block_size, heads, head_dim)``, handed to each :class:`Attention` by the model runner.
+
+Backends:
+- ``sdpa``: torch's scaled_dot_product_attention (default on CPU; uses flash/memory-efficient kernels on GPU).
+- ``flash_attn``: the flash-attn package (varlen prefill, paged decode through ``block_table``), when it
+  imports and the block size is a multiple of 256 (flash-attn's paged-KV requirement).
+- ``eager``: plain matmul + softmax in float32, the reference the other two are tested against.
+
+Prefill sequences (query length > 1) are attended one by one; decode sequences (query length 1) in one
+batched call. What this module leaves to others: which tokens are in the batch (scheduler), which blocks
+a sequence owns (block manager), and building the metadata tensors (model runner).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional GPU extra; absent on CPU machines
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore[import-not-found]
+    FLASH_ATTN_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
+    FLASH_ATTN_AVAILABLE = False
+
+BACKENDS = ("sdpa", "flash_attn", "eager")
+FLASH_BLOCK_MULTIPLE = 256
+
+
+def resolve_backend(requested: str, device: torch.device, block_size: int) -> str:
+    """``auto`` -> flash_attn on CUDA when usable, else sdpa. An explicit unusable choice is an error."""
+    if requested == "auto":
+        usable = FLASH_ATTN_AVAILABLE and device.type == "cuda" and block_size % FLASH_BLOCK_MULTIPLE == 0
+        return "flash_attn" if usable else "sdpa"
+    if requested not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of auto, {', '.join(BACKENDS)}; got {requested!r}")
+    if requested == "flash_attn":
+        if not FLASH_ATTN_AVAILABLE:
+            raise ValueError("attention_backend='flash_attn' but the flash-attn package is not installed "
+                             "(pip install 'neox-ray[gpu]')")
+        if device.type != "cuda":
+            raise ValueError("attention_backend='flash_attn' needs a CUDA device")
+        if block_size % FLASH_BLOCK_MULTIPLE:
+            raise ValueError(f"attention_backend='flash_attn' needs block_size to be a multiple of "
+                             f"{FLASH_BLOCK_MULTIPLE} (flash-attn's paged KV cache), got {block_size}")
+    return requested
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's packed batch. Python lists are host-side bookkeeping; tensors live on the model's device."""
+
+    query_start_loc: list[int]            # (S + 1,) token offsets of each sequence's new tokens
+    context_lens: list[int]               # (S,) cached + new tokens of each sequence after this step
+    slot_mapping: torch.Tensor | None     # (T,) int64 cache slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor | None     # (S, max_blocks) int64, padded with 0
+    prefill_seqs: list[int] = field(init=False)
+    decode_seqs: list[int] = field(init=False)
+    decode_token_index: torch.Tensor | None = field(init=False, default=None)
+    decode_context_lens: torch.Tensor | None = field(init=False, default=None)
+    token_sequence_lens: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        query_lens = [b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:])]
+        self.prefill_seqs = [i for i, n in enumerate(query_lens) if n > 1]
+        self.decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """Builds the derived index tensors once per step, on the model's device."""
+        if self.decode_seqs:
+            self.decode_token_index = torch.tensor([self.query_start_loc[i] for i in self.decode_seqs],
+                                                   dtype=torch.long, device=device)
+            self.decode_context_lens = torch.tensor([self.context_lens[i] for i in self.decode_seqs],
+                                                    dtype=torch.long, device=device)
+        lens = [self.context_lens[i] for i in range(len(self.context_lens))
+                for _ in range(self.query_start_loc[i + 1] - self.query_start_loc[i])]
+        self.token_sequence_lens = torch.tensor(lens, dtype=torch.long, device=device)
+        return self
+
+    @classmethod
+    def for_plain_forward(cls, seq_lens: list[int], device: torch.device) -> "AttentionMetadata":
+        """A batch of whole sequences attended without any cache (used by tests and reference forwards)."""
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        meta = cls(query_start_loc=starts, context_lens=list(seq_lens), slot_mapping=None, block_tables=None)
+        meta.prefill_seqs = list(range(len(seq_lens)))  # length-1 sequences too: there is no cache to read
+        meta.decode_seqs = []
+        return meta.to(device)
+
+
+class Attention(nn.Module):
+    """Writes this step's keys/values into the paged cache, then attends each query to its context."""
+
+    def __init__(self, num_heads: int, head_dim: int, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.backend = backend
+        self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, heads, head_dim), set by the runner
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """query/key/value: (tokens, heads, head_dim) -> (tokens, heads, head_dim)."""
+        if self.kv_cache is not None and meta.slot_mapping is not None:
+            key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+            key_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, key)
+            value_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, value)
+        if self.backend == "flash_attn":
+            return self._flash_attn(query, key, value, meta)
+        output = torch.empty_like(query)
+        for i in meta.prefill_seqs:
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            context_len = meta.context_lens[i]
+            if context_len == end - start:  # nothing cached before this step: attend to the new tokens
+                k, v, mask = key[start:end], value[start:end], None
+            else:
+                k, v = self._gather_context(meta.block_tables[i], context_len)
+                mask = _causal_mask_with_offset(end - start, context_len, query.device)
+            output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                             mask, causal=mask is None)[0]
+        if meta.decode_seqs:
+            index = meta.decode_token_index
+            tables = meta.block_tables[meta.decode_seqs]
+            max_len = int(max(meta.context_lens[i] for i in meta.decode_seqs))
+            num_blocks = -(-max_len // self.kv_cache.shape[2])
+            k = self.kv_cache[0][tables[:, :num_blocks]].flatten(1, 2)  # (B, blocks * block_size, heads, dim)
+            v = self.kv_cache[1][tables[:, :num_blocks]].flatten(1, 2)
+            positions = torch.arange(k.shape[1], device=query.device)
+            mask = (positions.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, :]  # (B, 1, L)
+            output[index] = self._attend(query[index].unsqueeze(1), k, v, mask.unsqueeze(1), causal=False)[:, 0]
+        return output
+
+    def _gather_context(self, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        block_size = self.kv_cache.shape[2]
+        blocks = block_table[: -(-context_len // block_size)]
+        k = self.kv_cache[0][blocks].flatten(0, 1)[:context_len]
+        v = self.kv_cache[1][blocks].flatten(0, 1)[:context_len]
+        return k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
+        """q: (B, Lq, H, D); k, v: (B, Lk, H, D); mask broadcastable to (B, H, Lq, Lk), True = attend."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.backend == "eager":
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+            if causal:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _flash_attn(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:  # pragma: no cover - needs CUDA + flash-attn
+        output = torch.empty_like(query)
+        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        for i in meta.prefill_seqs:
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if meta.context_lens[i] == end - start:
+                cu = torch.tensor([0, end - start], dtype=torch.int32, device=query.device)
+                output[start:end] = flash_attn_varlen_func(
+                    query[start:end], key[start:end], value[start:end], cu, cu, end - start, end - start,
+                    softmax_scale=self.scale, causal=True)
+            else:  # chunked prefill or a prefix-cache hit: read the earlier context from the paged cache
+                output[start:end] = flash_attn_with_kvcache(
+                    query[start:end].unsqueeze(0), key_cache, value_cache,
+                    cache_seqlens=torch.tensor([meta.context_lens[i]], dtype=torch.int32, device=query.device),
+                    block_table=meta.block_tables[i: i + 1].to(torch.int32), softmax_scale=self.scale,
+                    causal=True)[0]
+        if meta.decode_seqs:
+            index = meta.decode_token_index
+            output[index] = flash_attn_with_kvcache(
+                query[index].unsqueeze(1), key_cache, value_cache,
+                cache_seqlens=meta.decode_context_lens.to(torch.int32),
+                block_table=meta.block_tables[meta.decode_seqs].to(torch.int32),
+                softmax_scale=self.scale, causal=True)[:, 0]
+        return output
+
+
+def _causal_mask_with_offset(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """(Lq, Lk) bool: the j-th new token sits at position context_len - query_len + j."""
+    query_positions = torch.arange(context_len - query_len, context_len, device=device)
+    return torch.arange(context_len, device=device).unsqueeze(0) <= query_positions.unsqueeze(1)

@@ -1,0 +1,66 @@
+"""Linear layers sharded over the tensor-parallel group, Megatron style.
+
+Each parameter carries ``shard_dim``: the checkpoint dimension this rank holds a contiguous slice of
+(``None`` means replicated). The loader (:mod:`neox_ray.loader`) reads exactly that slice from safetensors,
+so no rank ever materializes a full sharded weight. The collective each layer needs is in its ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neox_ray.distributed import all_reduce, tp_rank, tp_world_size
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})")
+    return numerator // denominator
+
+
+def sharded_parameter(shape: tuple[int, ...], shard_dim: int | None) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape), requires_grad=False)
+    param.shard_dim = shard_dim  # type: ignore[attr-defined]
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's output rows split across ranks; each rank returns its slice of y.
+
+    No collective: the row-parallel layer that follows consumes the sliced activations directly.
+    GPT-NeoX's fused ``query_key_value`` rows are laid out (heads, 3, head_dim), so a contiguous row
+    split hands every rank whole heads with their q, k and v.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, what: str = "out_features"):
+        super().__init__()
+        self.out_features_per_rank = divide(out_features, tp_world_size(), what)
+        self.weight = sharded_parameter((self.out_features_per_rank, in_features), shard_dim=0)
+        self.bias = sharded_parameter((self.out_features_per_rank,), shard_dim=0) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's input columns split across ranks; each rank's product is a partial sum.
+
+    With ``reduce_results=True`` the partial sums are all-reduced here. With ``False`` the caller reduces
+    (GPT-NeoX's parallel residual sums attention and MLP partials first: one all-reduce per layer);
+    the bias is then added by rank 0 only, so the later sum still counts it once.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce_results: bool = True,
+                 what: str = "in_features"):
+        super().__init__()
+        self.reduce_results = reduce_results
+        self.weight = sharded_parameter((out_features, divide(in_features, tp_world_size(), what)), shard_dim=1)
+        self.bias = sharded_parameter((out_features,), shard_dim=None) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias_here = self.bias if tp_rank() == 0 else None
+        if self.reduce_results:
+            return all_reduce(F.linear(x, self.weight)) + (self.bias if self.bias is not None else 0)
+        return F.linear(x, self.weight, bias_here)
