@@ -1,0 +1,170 @@
+"""Runs one step on one rank: builds the packed batch and attention metadata, runs the model, samples.
+
+Owns the model, the paged KV cache tensor (one preallocated tensor, a view per attention layer) and
+the sampler. It receives plain :class:`StepInput` data and returns :class:`StepOutput`; it never decides
+what to run (scheduler) and knows nothing of Ray (a Ray worker simply hosts one of these per rank).
+
+Logits are only computed for the rows that need them: the last row of each sequence that samples, and
+the rows whose next token is known when logprobs are asked for (scoring, prompt logprobs), in bounded
+chunks so long documents never materialize full-vocabulary logits for all their tokens at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from neox_ray.config import ModelConfig
+from neox_ray.distributed import tp_rank, tp_world_size
+from neox_ray.engine.sampler import Sampler
+from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
+from neox_ray.layers.attention import AttentionMetadata, resolve_backend
+from neox_ray.loader import load_model, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+LOGPROB_CHUNK_ROWS = 1024  # rows of full-vocab logits materialized at once for scoring
+
+
+@dataclass
+class RunnerConfig:
+    model_dir: str
+    dtype: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None      # bytes for the KV cache on this rank
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 2048
+    max_cache_tokens_hint: int = 65536      # CPU default cache size when nothing else is given
+    allow_pickle: bool = False
+    seed: int | None = None
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(requested)
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig, model_config: ModelConfig | None = None):
+        self.config = config
+        self.model_config = model_config or ModelConfig.from_pretrained(config.model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.attention_backend = resolve_backend(config.attention_backend, self.device, config.block_size)
+        self.model = load_model(config.model_dir, self.model_config, self.dtype, self.device,
+                                self.attention_backend, config.allow_pickle)
+        self.sampler = Sampler(config.seed)
+        self.num_kv_blocks = self._decide_num_blocks()
+        self._allocate_kv_cache(self.num_kv_blocks)
+
+    # ---- KV cache ------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        mc = self.model_config
+        local_heads = mc.num_attention_heads // tp_world_size()
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * mc.num_hidden_layers * self.config.block_size * local_heads * mc.head_dim * element
+
+    def _decide_num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif self.device.type == "cuda":  # pragma: no cover - needs a GPU
+            budget = self._profile_gpu_budget()
+        else:
+            budget = -(-cfg.max_cache_tokens_hint // cfg.block_size) * self.kv_bytes_per_block
+        blocks = budget // self.kv_bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block} bytes")
+        return int(blocks)
+
+    def _profile_gpu_budget(self) -> int:  # pragma: no cover - needs a GPU
+        """Runs the largest step once without a cache, then gives the KV cache what is left of
+        gpu_memory_utilization of the card."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = self.config.max_num_batched_tokens
+        meta = AttentionMetadata.for_plain_forward([tokens], self.device)
+        with torch.no_grad():
+            ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+            hidden = self.model(ids, torch.arange(tokens, device=self.device), meta)
+            self.model.compute_logits(hidden[-256:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization - peak)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        mc = self.model_config
+        local_heads = mc.num_attention_heads // tp_world_size()
+        # (layers, k/v, blocks, block_size, heads, head_dim): one tensor, one view per layer.
+        self.kv_cache = torch.zeros(mc.num_hidden_layers, 2, num_blocks, self.config.block_size, local_heads,
+                                    mc.head_dim, dtype=self.dtype, device=self.device)
+        for i, attention in enumerate(self.model.attention_layers):
+            attention.kv_cache = self.kv_cache[i]
+
+    # ---- one step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, step: StepInput) -> StepOutput:
+        block_size = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        context_lens = []
+        for seq in step.sequences:
+            n = len(seq.new_token_ids)
+            input_ids.extend(seq.new_token_ids)
+            seq_positions = range(seq.start_position, seq.start_position + n)
+            positions.extend(seq_positions)
+            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in seq_positions)
+            starts.append(starts[-1] + n)
+            context_lens.append(seq.start_position + n)
+        max_blocks = max(len(s.block_table) for s in step.sequences)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.sequences]
+        device = self.device
+        meta = AttentionMetadata(
+            query_start_loc=starts, context_lens=context_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=device)).to(device)
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=device),
+                            torch.tensor(positions, dtype=torch.long, device=device), meta)
+
+        output = StepOutput()
+        sampling_rows = [(i, s) for i, s in enumerate(step.sequences) if s.sampling is not None]
+        if sampling_rows:
+            last_rows = torch.tensor([starts[i + 1] - 1 for i, _ in sampling_rows], device=device)
+            logits = self.model.compute_logits(hidden[last_rows])
+            if tp_rank() == 0:
+                results = self.sampler(logits, [s.sampling for _, s in sampling_rows])
+                output.samples = {s.seq_id: r for (_, s), r in zip(sampling_rows, results)}
+        for i, seq in enumerate(step.sequences):
+            if seq.logprob_targets:
+                first = starts[i] + seq.first_logprob_row
+                rows = hidden[first: first + len(seq.logprob_targets)]
+                result = self._target_logprobs(rows, seq.logprob_targets, seq.num_top_logprobs)
+                if tp_rank() == 0:
+                    output.prompt_logprobs[seq.seq_id] = result
+        return output
+
+    def _target_logprobs(self, hidden_rows: torch.Tensor, targets: list[int], top_k: int) -> TokenLogprobs:
+        target_tensor = torch.tensor(targets, dtype=torch.long, device=hidden_rows.device)
+        logprobs: list[float] = []
+        top: list[list[tuple[int, float]]] | None = [] if top_k > 0 else None
+        for start in range(0, len(targets), LOGPROB_CHUNK_ROWS):
+            chunk = slice(start, start + LOGPROB_CHUNK_ROWS)
+            log_softmax = torch.log_softmax(self.model.compute_logits(hidden_rows[chunk]), dim=-1)
+            logprobs.extend(log_softmax.gather(1, target_tensor[chunk].unsqueeze(1)).squeeze(1).tolist())
+            if top is not None:
+                values, ids = log_softmax.topk(top_k, dim=-1)
+                top.extend(list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), values.tolist()))
+        return TokenLogprobs(logprobs, top)
+

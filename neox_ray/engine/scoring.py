@@ -1,0 +1,66 @@
+"""Perplexity scoring arithmetic: sliding-window plans and lm-eval's per-text metrics. Pure Python.
+
+A text of N tokens is scored as ``[eot] + tokens`` so its first token is conditioned on the end-of-text
+token (lm-eval's rolling loglikelihood) and all N tokens are scored. Texts longer than the window use the
+transformers perplexity-guide recipe: windows start every ``stride`` tokens, each scores only the tokens
+the previous window did not, so every token is scored exactly once with as much left context as the
+window allows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from neox_ray.engine.outputs import ScoreOutput
+
+
+@dataclass(frozen=True)
+class ScoreWindow:
+    begin: int          # window = full_tokens[begin:end], full_tokens = [eot] + text tokens
+    end: int
+    first_target: int   # first position (in full_tokens) this window scores; it scores [first_target, end)
+
+
+def validate_window(window: int, stride: int, max_model_len: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer >= 2, got {window!r}")
+    if window > max_model_len:
+        raise ValueError(f"window {window} exceeds max_model_len {max_model_len}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride < window:
+        raise ValueError(f"stride must be an integer in [1, window) = [1, {window}), got {stride!r} "
+                         "(a stride equal to the window would leave each window's first token without context)")
+
+
+def plan_windows(num_text_tokens: int, window: int, stride: int) -> list[ScoreWindow]:
+    total = num_text_tokens + 1  # with the leading eot token
+    windows, previous_end = [], 0
+    for begin in range(0, total, stride):
+        end = min(begin + window, total)
+        first_target = max(previous_end, 1)
+        if end > first_target:
+            windows.append(ScoreWindow(begin, end, first_target))
+        previous_end = end
+        if end == total:
+            break
+    return windows
+
+
+def score_metrics(token_logprobs: list[float], text: str, keep_token_logprobs: bool) -> ScoreOutput:
+    nll = -math.fsum(token_logprobs)
+    num_tokens = len(token_logprobs)
+    num_bytes = len(text.encode("utf-8"))
+    num_words = len(re.split(r"\s+", text))  # lm-eval's word count
+    return ScoreOutput(
+        num_tokens=num_tokens, nll=nll, perplexity=_safe_exp(nll / num_tokens), num_bytes=num_bytes,
+        bits_per_byte=nll / (max(num_bytes, 1) * math.log(2)), num_words=num_words,
+        word_perplexity=_safe_exp(nll / max(num_words, 1)), byte_perplexity=_safe_exp(nll / max(num_bytes, 1)),
+        token_logprobs=list(token_logprobs) if keep_token_logprobs else None)
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

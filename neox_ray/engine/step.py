@@ -1,0 +1,70 @@
+"""The plain-data contract between the engine (scheduler side) and the model runner(s). Pure Python.
+
+A :class:`StepInput` is everything a runner needs for one forward pass; it is picklable so the same
+object goes to an in-process runner or to every rank of a Ray shard group. A :class:`StepOutput` is what
+comes back (from rank 0): sampled tokens and requested logprobs, keyed by sequence id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingRow:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    output_position: int = 0                       # index of the token being sampled among the outputs
+    num_logprobs: int | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)  # only sent when repetition_penalty != 1
+    output_token_ids: list[int] = field(default_factory=list)  # only sent when any penalty is active
+    banned_token_ids: list[int] = field(default_factory=list)  # eos / stop ids while below min_tokens
+
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class SequenceStep:
+    seq_id: int
+    new_token_ids: list[int]          # fed this step
+    start_position: int               # position of new_token_ids[0] (= tokens already cached)
+    block_table: list[int]
+    sampling: SamplingRow | None = None   # set when this step completes the sequence's tokens and it samples
+    # Logprobs of known next tokens ("prompt logprobs" / scoring): rows [first_logprob_row, ...) of this chunk
+    # predict logprob_targets, in order.
+    first_logprob_row: int = 0
+    logprob_targets: list[int] = field(default_factory=list)
+    num_top_logprobs: int = 0
+
+
+@dataclass
+class StepInput:
+    sequences: list[SequenceStep]
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None                   # raw logprob of the chosen token
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of known tokens (one entry per target), with optional top-k alternatives."""
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class StepOutput:
+    samples: dict[int, SampleResult] = field(default_factory=dict)
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)

@@ -1,0 +1,171 @@
+"""``LLM``: the offline entry point, shaped like vLLM's (``generate``, ``score``).
+
+A thin driver over :class:`LLMEngine`: it validates every input up front (so a bad item fails before any
+compute, naming its index), queues all requests, steps the engine until they finish and returns results
+in input order. Picking the executor is the only place ``tensor_parallel_size > 1`` brings in Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from neox_ray.engine.engine_config import EngineConfig
+from neox_ray.engine.llm_engine import LLMEngine
+from neox_ray.engine.outputs import RequestOutput, ScoreOutput
+from neox_ray.engine.sampling_params import SamplingParams
+from neox_ray.engine.scoring import plan_windows, score_metrics, validate_window
+
+PromptInput = str | Sequence[int]
+
+
+def make_executor_factory(config: EngineConfig):
+    if config.tensor_parallel_size == 1:
+        return None
+    from neox_ray.ray.shard_group import RayShardGroupExecutor
+
+    return RayShardGroupExecutor
+
+
+class LLM:
+    def __init__(self, model: str, **engine_kwargs: Any):
+        config = EngineConfig.from_kwargs(str(model), **engine_kwargs)
+        self.engine = LLMEngine(config, make_executor_factory(config))
+        self.tokenizer = self.engine.tokenizer
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        encoded = []
+        for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+            try:
+                text, ids = self._encode(prompt)
+                self.engine.validate_prompt(ids, params.max_tokens)
+            except ValueError as exc:
+                raise ValueError(f"prompt {index}: {exc}") from None
+            encoded.append((text, ids))
+        order = {}
+        for index, ((text, ids), params) in enumerate(zip(encoded, params_list)):
+            order[self.engine.add_request(ids, params, prompt=text)] = index
+        return self._run(order, use_tqdm)
+
+    def _encode(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(order)
+        progress = _Progress(len(order)) if use_tqdm else None
+        start_tokens = self.engine.num_generated_tokens
+        try:
+            while any(r is None for r in results):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in order:
+                        results[order[output.request_id]] = output
+                        if progress:
+                            progress.update(self.engine.num_generated_tokens - start_tokens)
+        except BaseException:
+            for request_id in order:
+                self.engine.abort(request_id)
+            raise
+        finally:
+            if progress:
+                progress.close()
+        return results  # type: ignore[return-value]
+
+    # ---- scoring -------------------------------------------------------------------------------------
+    def score(self, texts: PromptInput | Sequence[PromptInput], window: int | None = None,
+              stride: int | None = None, return_token_logprobs: bool = False,
+              use_tqdm: bool = False) -> list[ScoreOutput]:
+        """Per-text NLL / perplexity with every token scored once (see :mod:`neox_ray.engine.scoring`)."""
+        items = _as_prompt_list(texts)
+        window = window or self.engine.max_model_len
+        stride = stride or max(1, window // 2)
+        validate_window(window, stride, self.engine.max_model_len)
+        eot = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else \
+            self.engine.model_config.eos_token_id
+        if eot is None:
+            raise ValueError("scoring needs an end-of-text token id; neither the tokenizer nor config.json has one")
+        documents = []
+        for index, item in enumerate(items):
+            try:
+                text, ids = self._encode(item)
+                if not ids:
+                    raise ValueError("text is empty (no tokens to score)")
+                self.engine.validate_prompt(ids, 0)
+            except ValueError as exc:
+                raise ValueError(f"text {index}: {exc}") from None
+            documents.append((text if text is not None else self.tokenizer.decode(ids), [eot] + ids))
+        params = SamplingParams(max_tokens=1)
+        order: dict[str, int] = {}
+        plans: list[list] = []
+        for doc_index, (_, full) in enumerate(documents):
+            doc_windows = plan_windows(len(full) - 1, window, stride)
+            plans.append(doc_windows)
+            for w in doc_windows:
+                request_id = self.engine.add_request(full[w.begin:w.end], params, prefill_only=True,
+                                                     logprob_start=w.first_target - w.begin)
+                order[request_id] = len(order)
+        outputs = self._run(order, use_tqdm)
+        results, cursor = [], 0
+        for (text, full), doc_windows in zip(documents, plans):
+            logprobs: list[float] = []
+            for w in doc_windows:
+                entries = outputs[cursor].prompt_logprobs
+                cursor += 1
+                for position in range(w.first_target, w.end):
+                    logprobs.append(entries[position - w.begin][full[position]])
+            results.append(score_metrics(logprobs, text, return_token_logprobs))
+        return results
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptInput]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of strings or a list of token-id lists, "
+                     f"got {type(prompts).__name__}")
+
+
+def _as_params_list(params: Any, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params[{i}] is not a SamplingParams")
+    return params
+
+
+class _Progress:
+    """Requests done and generated tokens/s on a tqdm bar."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+        self.start = time.monotonic()
+
+    def update(self, generated_tokens: int) -> None:
+        self.bar.update(1)
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{generated_tokens / elapsed:.1f} tok/s")
+
+    def close(self) -> None:
+        self.bar.close()
