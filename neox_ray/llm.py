@@ -14,7 +14,7 @@ from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.llm_engine import LLMEngine
 from neox_ray.engine.outputs import RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import plan_windows, score_metrics, validate_window
+from neox_ray.engine.scoring import make_score_task
 
 PromptInput = str | Sequence[int]
 
@@ -85,44 +85,28 @@ class LLM:
               use_tqdm: bool = False) -> list[ScoreOutput]:
         """Per-text NLL / perplexity with every token scored once (see :mod:`neox_ray.engine.scoring`)."""
         items = _as_prompt_list(texts)
-        window = window or self.engine.max_model_len
-        stride = stride or max(1, window // 2)
-        validate_window(window, stride, self.engine.max_model_len)
-        eot = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else \
-            self.engine.model_config.eos_token_id
-        if eot is None:
-            raise ValueError("scoring needs an end-of-text token id; neither the tokenizer nor config.json has one")
-        documents = []
+        window, stride = self.engine.score_window(window, stride)
+        eot = self.engine.eot_token_id
+        tasks = []
         for index, item in enumerate(items):
             try:
                 text, ids = self._encode(item)
-                if not ids:
-                    raise ValueError("text is empty (no tokens to score)")
-                self.engine.validate_prompt(ids, 0)
+                if ids:
+                    self.engine.validate_prompt(ids, 0)
+                text = text if text is not None else self.tokenizer.decode(ids)
+                tasks.append(make_score_task(text, ids, eot, window, stride))
             except ValueError as exc:
                 raise ValueError(f"text {index}: {exc}") from None
-            documents.append((text if text is not None else self.tokenizer.decode(ids), [eot] + ids))
         params = SamplingParams(max_tokens=1)
         order: dict[str, int] = {}
-        plans: list[list] = []
-        for doc_index, (_, full) in enumerate(documents):
-            doc_windows = plan_windows(len(full) - 1, window, stride)
-            plans.append(doc_windows)
-            for w in doc_windows:
-                request_id = self.engine.add_request(full[w.begin:w.end], params, prefill_only=True,
-                                                     logprob_start=w.first_target - w.begin)
+        for task in tasks:
+            for token_ids, logprob_start in task.requests():
+                request_id = self.engine.add_request(token_ids, params, prefill_only=True,
+                                                     logprob_start=logprob_start)
                 order[request_id] = len(order)
-        outputs = self._run(order, use_tqdm)
-        results, cursor = [], 0
-        for (text, full), doc_windows in zip(documents, plans):
-            logprobs: list[float] = []
-            for w in doc_windows:
-                entries = outputs[cursor].prompt_logprobs
-                cursor += 1
-                for position in range(w.first_target, w.end):
-                    logprobs.append(entries[position - w.begin][full[position]])
-            results.append(score_metrics(logprobs, text, return_token_logprobs))
-        return results
+        outputs = iter(self._run(order, use_tqdm))
+        return [task.finish([next(outputs).prompt_logprobs for _ in task.windows], return_token_logprobs)
+                for task in tasks]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

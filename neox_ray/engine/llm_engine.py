@@ -24,6 +24,7 @@ from neox_ray.engine.executor import Executor, UniprocExecutor
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput
 from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
+from neox_ray.engine.scoring import validate_window
 from neox_ray.engine.sequence import Sequence, SequenceStatus
 from neox_ray.engine.step import SamplingRow, SequenceStep, StepInput, StepOutput
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -99,6 +100,22 @@ class LLMEngine:
         if len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; with max_tokens={max_tokens} it exceeds "
                              f"max_model_len={self.max_model_len}")
+
+    @property
+    def eot_token_id(self) -> int:
+        """The end-of-text token scoring conditions a text's first token on."""
+        eot = self.tokenizer.eos_token_id
+        eot = eot if eot is not None else self.model_config.eos_token_id
+        if eot is None:
+            raise ValueError("scoring needs an end-of-text token id; neither the tokenizer nor config.json has one")
+        return eot
+
+    def score_window(self, window: int | None, stride: int | None) -> tuple[int, int]:
+        """Fills the defaults (window = max_model_len, stride = half of it) and validates."""
+        window = window if window is not None else self.max_model_len
+        stride = stride if stride is not None else max(1, window // 2)
+        validate_window(window, stride, self.max_model_len)
+        return window, stride
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     prompt: str | None = None, prefill_only: bool = False,

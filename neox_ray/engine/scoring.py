@@ -64,3 +64,33 @@ def _safe_exp(x: float) -> float:
         return math.exp(x)
     except OverflowError:
         return math.inf
+
+
+@dataclass
+class ScoreTask:
+    """One text to score: its windows become prefill-only requests; their prompt logprobs come back to
+    :meth:`finish`, which assembles the text's metrics."""
+    text: str
+    full_tokens: list[int]      # [eot] + text tokens
+    windows: list[ScoreWindow]
+
+    def requests(self) -> list[tuple[list[int], int]]:
+        """(token ids, logprob_start) for each window, in order."""
+        return [(self.full_tokens[w.begin:w.end], w.first_target - w.begin) for w in self.windows]
+
+    def finish(self, window_prompt_logprobs: list[list[dict[int, float] | None]],
+               keep_token_logprobs: bool) -> ScoreOutput:
+        logprobs: list[float] = []
+        for w, entries in zip(self.windows, window_prompt_logprobs):
+            for position in range(w.first_target, w.end):
+                logprobs.append(entries[position - w.begin][self.full_tokens[position]])
+        return score_metrics(logprobs, self.text, keep_token_logprobs)
+
+
+def make_score_task(text: str | None, token_ids: list[int], eot_token_id: int, window: int,
+                    stride: int) -> ScoreTask:
+    """``text`` may be None when the caller gave token ids; it is then the ids' decoding (for bytes/words)."""
+    if not token_ids:
+        raise ValueError("text is empty (no tokens to score)")
+    full = [eot_token_id] + list(token_ids)
+    return ScoreTask(text or "", full, plan_windows(len(token_ids), window, stride))

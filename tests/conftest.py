@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny transformers-written checkpoints and one local Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from checkpoints import VARIANTS, build_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Pythia-style tiny random checkpoint (safetensors + tokenizer.json), written by transformers."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "pythia", **VARIANTS["pythia"])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Starts Ray once for the whole test session (2-core machines: actors must ask for fractional CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
