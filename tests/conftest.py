@@ -25,7 +25,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     try:
