@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from neox_ray.config import ModelConfig
-from neox_ray.distributed import tp_rank
+from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.layers.rotary import RotaryEmbedding
 from neox_ray.models.gpt_neox import GPTNeoXForCausalLM
 
@@ -151,12 +151,16 @@ def _read_shard(source: _TensorSource, name: str, param: nn.Parameter) -> torch.
         raise CheckpointError(f"tensor {name}: checkpoint shape {full_shape} does not match the model's "
                               f"per-rank shape {local_shape} split on dim {shard_dim}")
     shard_size = local_shape[shard_dim]
+    world_size = tp_world_size()
+    # Vocab shards are ceil(vocab / tp) rows each, the last one padded; everything else splits exactly.
+    is_vocab = name.endswith(("embed_in.weight", "embed_out.weight"))
+    expected_full = -(-full_shape[shard_dim] // world_size) if is_vocab else full_shape[shard_dim] / world_size
+    if expected_full != shard_size:
+        raise CheckpointError(f"tensor {name}: checkpoint shape {full_shape} does not match the model's "
+                              f"per-rank shape {local_shape} (dim {shard_dim} split over {world_size} ranks; "
+                              "does config.json match the weights?)")
     start = tp_rank() * shard_size
     stop = min(start + shard_size, full_shape[shard_dim])
-    is_vocab = name.endswith(("embed_in.weight", "embed_out.weight"))
-    if stop - start != shard_size and not is_vocab:
-        raise CheckpointError(f"tensor {name}: checkpoint shape {full_shape} does not split into slices of "
-                              f"{shard_size} on dim {shard_dim}")
     index = tuple([slice(None)] * shard_dim + [slice(start, max(start, stop))])
     tensor = view[index]
     if tensor.shape[shard_dim] < shard_size:  # the last vocab shard runs past the vocabulary: zero rows

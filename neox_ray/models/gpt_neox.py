@@ -29,10 +29,7 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
         self.weight = sharded_parameter((hidden_size,), shard_dim=None)
         self.bias = sharded_parameter((hidden_size,), shard_dim=None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32: bf16 statistics over thousands of channels lose too much.
-        return super().forward(x.float()).to(x.dtype) if x.dtype != torch.float32 else super().forward(x)
+    # forward is nn.LayerNorm's: its kernels accumulate statistics in float32 for bf16/fp16 inputs.
 
 
 class GPTNeoXAttention(nn.Module):
