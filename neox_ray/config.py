@@ -63,6 +63,13 @@ class ModelConfig:
         return int(self.head_dim * self.rope.partial_rotary_factor)
 
     @property
+    def default_max_model_len(self) -> int:
+        """Scaled rope exists to stretch the context: linear / dynamic allow ``factor`` times the positions."""
+        if self.rope.rope_type in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 

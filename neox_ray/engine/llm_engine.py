@@ -68,10 +68,10 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.tokenizer = Tokenizer.from_pretrained(config.model)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.max_model_len > self.model_config.max_position_embeddings and self.model_config.rope.rope_type == "default":
-            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
-                           self.max_model_len, self.model_config.max_position_embeddings)
+        self.max_model_len = config.max_model_len or self.model_config.default_max_model_len
+        if self.max_model_len > self.model_config.default_max_model_len:
+            logger.warning("max_model_len %d exceeds what the model was trained for (%d positions): expect "
+                           "degraded output past that", self.max_model_len, self.model_config.default_max_model_len)
         factory = executor_factory or UniprocExecutor
         self.executor = factory(config, self.model_config, self.max_model_len)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,

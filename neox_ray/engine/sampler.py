@@ -29,6 +29,8 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         """logits: (rows, vocab) float32 on any device."""
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"{logits.shape[0]} rows of logits for {len(rows)} sampling rows")
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.num_logprobs is not None for r in rows) else None
         logits = logits.clone()
         self._apply_penalties(logits, rows)
