@@ -49,18 +49,27 @@ class RotaryEmbedding(nn.Module):
             return positions.unsqueeze(-1) * inv_freq
         return positions.unsqueeze(-1) * self.inv_freq.float()
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                sequence_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (tokens,); query/key: (tokens, heads, head_dim); sequence_lengths: (tokens,) the length
-        of each token's sequence after this step (used by dynamic scaling only)."""
+    def forward(self, positions: torch.Tensor, sequence_lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (tokens,); sequence_lengths: (tokens,) the length of each token's sequence after this
+        step (used by dynamic scaling only). Returns cos, sin: (tokens, 1, rotary_dim), computed once per
+        forward pass and shared by every layer."""
         angles = self._angles(positions, sequence_lengths)  # (tokens, rotary_dim / 2)
-        cos = torch.cat((angles, angles), dim=-1).cos().unsqueeze(1)  # (tokens, 1, rotary_dim)
-        sin = torch.cat((angles, angles), dim=-1).sin().unsqueeze(1)
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+        return angles.cos(), angles.sin()
+
+    def apply(self, query: torch.Tensor, key: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query/key: (tokens, heads, head_dim), rotated on their first rotary_dim dims."""
+        cos, sin = cos_sin
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
         half = self.rotary_dim // 2
         rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        rot = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
+        if x.dtype == torch.float32:
+            rot = rot * cos + rotated_half * sin
+        else:  # rotate in float32, store in the model dtype
+            rot = (rot.float() * cos + rotated_half.float() * sin).to(x.dtype)
         return torch.cat((rot, passthrough), dim=-1)

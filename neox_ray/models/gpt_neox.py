@@ -45,12 +45,13 @@ class GPTNeoXAttention(nn.Module):
         self.rotary = rotary
         self.attn = Attention(self.num_local_heads, self.head_dim, attention_backend)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rotary_cos_sin: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.query_key_value(hidden_states)
         # Fused rows are laid out (heads, 3, head_dim), not (3, heads, head_dim).
         qkv = qkv.view(-1, self.num_local_heads, 3, self.head_dim)
         query, key, value = qkv.unbind(dim=2)  # each (tokens, local_heads, head_dim)
-        query, key = self.rotary(positions, query, key, meta.token_sequence_lens)
+        query, key = self.rotary.apply(query, key, rotary_cos_sin)
         context = self.attn(query, key.contiguous(), value.contiguous(), meta)
         return self.dense(context.flatten(1))
 
@@ -77,8 +78,9 @@ class GPTNeoXLayer(nn.Module):
         self.attention = GPTNeoXAttention(config, attention_backend, rotary)
         self.mlp = GPTNeoXMLP(config)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        attn_partial = self.attention(positions, self.input_layernorm(hidden_states), meta)
+    def forward(self, rotary_cos_sin: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        attn_partial = self.attention(rotary_cos_sin, self.input_layernorm(hidden_states), meta)
         if self.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x)): both partial sums share one all-reduce.
             mlp_partial = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -91,15 +93,16 @@ class GPTNeoXModel(nn.Module):
     def __init__(self, config: ModelConfig, attention_backend: str):
         super().__init__()
         self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(config)
+        self.rotary = rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(GPTNeoXLayer(config, attention_backend, rotary)
                                     for _ in range(config.num_hidden_layers))
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden_states = self.embed_in(input_ids)
+        rotary_cos_sin = self.rotary(positions, meta.token_sequence_lens)
         for layer in self.layers:
-            hidden_states = layer(positions, hidden_states, meta)
+            hidden_states = layer(rotary_cos_sin, hidden_states, meta)
         return self.final_layer_norm(hidden_states)
 
 
