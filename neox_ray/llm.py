@@ -91,8 +91,7 @@ class LLM:
         for index, item in enumerate(items):
             try:
                 text, ids = self._encode(item)
-                if ids:
-                    self.engine.validate_prompt(ids, 0)
+                self.engine.validate_token_ids(ids)  # long texts are fine: they are scored in windows
                 text = text if text is not None else self.tokenizer.decode(ids)
                 tasks.append(make_score_task(text, ids, eot, window, stride))
             except ValueError as exc:

@@ -137,6 +137,9 @@ def test_long_document_scores_in_bounded_chunks(tmp_path: Path) -> None:
     tokens = random_prompts([3000], seed=8)[0]
     result = llm.score([tokens], window=2048, stride=1024)[0]
     assert result.num_tokens == 3000 and math.isfinite(result.nll)
+    # Longer than max_model_len itself: the default window (= max_model_len) slides over it.
+    longer = llm.score([random_prompts([9000], seed=9)[0]])[0]
+    assert longer.num_tokens == 9000 and math.isfinite(longer.nll)
 
 
 def test_tiny_kv_budget_preempts_and_matches_unconstrained(tiny_checkpoint: Path) -> None:

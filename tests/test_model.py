@@ -98,7 +98,7 @@ def _cached_step(model, block_size: int, tables: list[list[int]], chunks: list[t
         context_lens.append(start + len(tokens))
     width = max(len(t) for t in tables)
     meta = AttentionMetadata(starts, context_lens, torch.tensor(slots),
-                             torch.tensor([t + [0] * (width - len(t)) for t in tables])).to(torch.device("cpu"))
+                             torch.tensor([t + [0] * (width - len(t)) for t in tables])).to(torch.device("cpu"), block_size)
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), meta)), starts
 

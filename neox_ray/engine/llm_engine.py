@@ -90,13 +90,17 @@ class LLMEngine:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
+    def validate_token_ids(self, token_ids: list[int]) -> None:
+        """Raises ValueError for an out-of-vocabulary (or non-integer) token id."""
+        for token in token_ids:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise ValueError(f"token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
+
     def validate_prompt(self, prompt_token_ids: list[int], max_tokens: int) -> None:
         """Raises ValueError for an empty prompt, an out-of-vocabulary id, or no room for max_tokens."""
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
-        for token in prompt_token_ids:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
-                raise ValueError(f"token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
+        self.validate_token_ids(prompt_token_ids)
         if len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; with max_tokens={max_tokens} it exceeds "
                              f"max_model_len={self.max_model_len}")

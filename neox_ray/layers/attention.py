@@ -68,6 +68,7 @@ class AttentionMetadata:
     decode_seqs: list[int] = field(init=False)
     decode_token_index: torch.Tensor | None = field(init=False, default=None)
     decode_context_lens: torch.Tensor | None = field(init=False, default=None)
+    decode_groups: list["DecodeGroup"] = field(init=False, default_factory=list)
     token_sequence_lens: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -75,13 +76,16 @@ class AttentionMetadata:
         self.prefill_seqs = [i for i, n in enumerate(query_lens) if n > 1]
         self.decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
 
-    def to(self, device: torch.device) -> "AttentionMetadata":
-        """Builds the derived index tensors once per step, on the model's device."""
+    def to(self, device: torch.device, block_size: int | None = None) -> "AttentionMetadata":
+        """Builds the derived index tensors once per step, on the model's device (shared by all layers)."""
         if self.decode_seqs:
             self.decode_token_index = torch.tensor([self.query_start_loc[i] for i in self.decode_seqs],
                                                    dtype=torch.long, device=device)
             self.decode_context_lens = torch.tensor([self.context_lens[i] for i in self.decode_seqs],
                                                     dtype=torch.long, device=device)
+            if block_size is None or self.block_tables is None:
+                raise ValueError("decode sequences need block tables and the cache's block_size")
+            self.decode_groups = _group_decodes(self, block_size, device)
         lens = [self.context_lens[i] for i in range(len(self.context_lens))
                 for _ in range(self.query_start_loc[i + 1] - self.query_start_loc[i])]
         self.token_sequence_lens = torch.tensor(lens, dtype=torch.long, device=device)
@@ -129,16 +133,12 @@ class Attention(nn.Module):
                 mask = _causal_mask_with_offset(end - start, context_len, query.device)
             output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              mask, causal=mask is None)[0]
-        if meta.decode_seqs:
-            index = meta.decode_token_index
-            tables = meta.block_tables[meta.decode_seqs]
-            max_len = int(max(meta.context_lens[i] for i in meta.decode_seqs))
-            num_blocks = -(-max_len // self.kv_cache.shape[2])
-            k = self.kv_cache[0][tables[:, :num_blocks]].flatten(1, 2)  # (B, blocks * block_size, heads, dim)
-            v = self.kv_cache[1][tables[:, :num_blocks]].flatten(1, 2)
-            positions = torch.arange(k.shape[1], device=query.device)
-            mask = (positions.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, :]  # (B, 1, L)
-            output[index] = self._attend(query[index].unsqueeze(1), k, v, mask.unsqueeze(1), causal=False)[:, 0]
+        for group in meta.decode_groups:
+            # Gather each group's context blocks into (B, blocks * block_size, heads, dim); groups hold
+            # sequences of similar length so little of the gather is padding.
+            kv = self.kv_cache[:, group.block_tables].flatten(2, 3)
+            out = self._attend(query[group.token_index].unsqueeze(1), kv[0], kv[1], group.mask, causal=False)
+            output[group.token_index] = out[:, 0]
         return output
 
     def _gather_context(self, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,3 +194,38 @@ def _causal_mask_with_offset(query_len: int, context_len: int, device: torch.dev
     """(Lq, Lk) bool: the j-th new token sits at position context_len - query_len + j."""
     query_positions = torch.arange(context_len - query_len, context_len, device=device)
     return torch.arange(context_len, device=device).unsqueeze(0) <= query_positions.unsqueeze(1)
+
+
+@dataclass
+class DecodeGroup:
+    token_index: torch.Tensor    # (B,) rows of the packed batch
+    block_tables: torch.Tensor   # (B, blocks) the group's tables, cut to its longest context
+    mask: torch.Tensor           # (B, 1, 1, blocks * block_size) True where a key is in the context
+
+
+DECODE_GROUP_MAX_SEQS = 32
+
+
+def _group_decodes(meta: AttentionMetadata, block_size: int, device: torch.device) -> list[DecodeGroup]:
+    """Sorts decode sequences by context length and cuts them into groups whose longest context needs at
+    most ~1.5x the blocks of the shortest, so the padded gather moves little beyond the real context."""
+    order = sorted(meta.decode_seqs, key=lambda i: meta.context_lens[i])
+    groups: list[list[int]] = []
+    for i in order:
+        blocks = -(-meta.context_lens[i] // block_size)
+        if groups:
+            first_blocks = -(-meta.context_lens[groups[-1][0]] // block_size)
+            if len(groups[-1]) < DECODE_GROUP_MAX_SEQS and blocks <= first_blocks * 1.5 + 1:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    result = []
+    for members in groups:
+        blocks = -(-max(meta.context_lens[i] for i in members) // block_size)
+        lens = torch.tensor([meta.context_lens[i] for i in members], device=device)
+        positions = torch.arange(blocks * block_size, device=device)
+        result.append(DecodeGroup(
+            token_index=torch.tensor([meta.query_start_loc[i] for i in members], dtype=torch.long, device=device),
+            block_tables=meta.block_tables[members, :blocks],
+            mask=(positions.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]))
+    return result

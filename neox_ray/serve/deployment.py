@@ -1,0 +1,124 @@
+"""The Ray Serve deployment: each replica hosts one ``LLM`` (one TP shard group) behind the OpenAI app.
+
+:class:`ServeArgs` is the application's configuration (the ``args:`` of a Serve config file, or what
+``neox-ray serve`` builds from its flags); :func:`build_app` is the import path ``serve run`` /
+``serve deploy`` call. Replica resources follow the engine: with ``tensor_parallel_size > 1`` the
+replica itself holds no GPU (its shard-group workers do, in their own placement group), with one GPU
+per replica it asks for one, on CPU it asks for a fraction of a core.
+
+Serve's own knobs (replica counts, ``autoscaling_config``, ``max_ongoing_requests``, Serve-level
+``max_queued_requests``, the proxy's ``request_timeout_s``) stay Serve's; this module only sets defaults
+that keep overload visible to the replica, which answers it in OpenAI's shape. Request handling is
+:mod:`neox_ray.serve.server`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+from ray import serve
+from ray.serve import Application
+
+from neox_ray.engine.async_engine import AsyncLLMEngine
+from neox_ray.engine.engine_config import EngineConfig
+from neox_ray.serve.auth import load_api_keys
+from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "NeoxRayServer"
+CPU_REPLICA_NUM_CPUS = 0.5
+
+
+class ServeArgs(BaseModel):
+    """What one application serves and how each replica limits itself."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str                                  # checkpoint directory, readable on every replica's node
+    served_model_name: str | None = None        # the `model` clients send; default: the directory's name
+    engine: dict[str, Any] = {}                 # EngineConfig options: dtype, max_num_seqs, tensor_parallel_size...
+    max_queued_requests: int | None = 256       # per replica, running + waiting; beyond it: 503 + Retry-After
+    request_timeout_s: float | None = 600.0     # per request; beyond it: aborted, 408
+    api_key_env: str | None = None              # default: NEOX_RAY_API_KEY if set
+    api_key_file: str | None = None
+    replica_num_cpus: float | None = None       # default: 1 with a GPU, else 0.5
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _positive_queue(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_queued_requests must be >= 1 or null, got {value}")
+        return value
+
+    @field_validator("request_timeout_s")
+    @classmethod
+    def _positive_timeout(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"request_timeout_s must be > 0 or null, got {value}")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.from_kwargs(self.model, **self.engine)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, health_check_period_s=10,
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+@serve.ingress()
+class NeoxRayServer:
+    def __init__(self, args: ServeArgs):
+        from neox_ray.llm import LLM  # the engine (and torch) load inside the replica only
+
+        api_keys = load_api_keys(args.api_key_env, args.api_key_file)
+        self.llm = LLM(args.model, **args.engine)
+        self.async_engine = AsyncLLMEngine(self.llm.engine, args.max_queued_requests)
+        self.server = OpenAIServer(self.async_engine, ServerSettings(
+            served_model_name=args.model_name, request_timeout_s=args.request_timeout_s,
+            api_keys=tuple(api_keys)))
+        logger.info("serving %s as %r (max_queued_requests=%s, request_timeout_s=%s, auth=%s)", args.model,
+                    args.model_name, args.max_queued_requests, args.request_timeout_s, bool(api_keys))
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.server)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica."""
+        self.async_engine.check_health()
+
+
+def replica_actor_options(args: ServeArgs) -> dict[str, Any]:
+    config = args.engine_config()
+    if config.tensor_parallel_size > 1:  # the shard group's workers hold the GPUs, not the replica
+        return {"num_cpus": args.replica_num_cpus or CPU_REPLICA_NUM_CPUS, "num_gpus": 0}
+    uses_gpu = config.device.startswith("cuda") or (config.device == "auto" and _cluster_has_gpus())
+    default_cpus = 1.0 if uses_gpu else CPU_REPLICA_NUM_CPUS
+    return {"num_cpus": args.replica_num_cpus or default_cpus, "num_gpus": 1 if uses_gpu else 0}
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_application(args: ServeArgs, **deployment_options: Any) -> Application:
+    """The application with Serve options (``num_replicas``, ``autoscaling_config``, ...) applied on top."""
+    args.engine_config()  # a bad engine option fails here, at deploy time, not in every replica
+    options: dict[str, Any] = {"ray_actor_options": replica_actor_options(args)}
+    if args.max_queued_requests is not None:
+        # Let more requests reach the replica than its engine accepts, so overload is answered there (an
+        # OpenAI-shaped 503 at once) instead of waiting in Serve's router queue.
+        options["max_ongoing_requests"] = max(2 * args.max_queued_requests, args.max_queued_requests + 8)
+    options.update({key: value for key, value in deployment_options.items() if value is not None})
+    return NeoxRayServer.options(**options).bind(args)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """``import_path: neox_ray.serve.deployment:build_app`` in a Serve config; ``args`` are :class:`ServeArgs`."""
+    return build_application(ServeArgs.model_validate(args))
