@@ -1,0 +1,14 @@
+"""Perplexity scoring job for ``ray job submit``: parse the config and flags, build the pipeline, run it.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/score.py --config configs/score-pythia-1.4b.yaml
+
+Same options as ``neox-ray score``; everything else lives in :mod:`neox_ray.batch`.
+"""
+
+import sys
+
+from neox_ray.batch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("score"))

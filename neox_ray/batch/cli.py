@@ -1,0 +1,132 @@
+"""``neox-ray generate`` and ``neox-ray score``: flags on top of an optional YAML config, then run the job.
+
+Flags override the config file key by key (``--num-replicas`` maps to ``replicas.num_replicas``, ...);
+validation happens once, on the merged result (:mod:`neox_ray.batch.config`). ``jobs/generate.py`` and
+``jobs/score.py`` call :func:`main` with the same options, for ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+# flag destination -> dotted config key
+_COMMON_FLAGS: dict[str, str] = {
+    "model": "model", "input": "input", "output": "output", "id_column": "id_column",
+    "num_replicas": "replicas.num_replicas", "min_replicas": "replicas.min_replicas",
+    "max_replicas": "replicas.max_replicas", "num_cpus_per_replica": "replicas.num_cpus",
+    "num_gpus_per_replica": "replicas.num_gpus", "batch_size": "replicas.batch_size",
+    "tensor_parallel_size": "engine.tensor_parallel_size", "dtype": "engine.dtype", "device": "engine.device",
+    "max_model_len": "engine.max_model_len", "rows_per_file": "rows_per_file", "dry_run": "dry_run",
+    "ray_address": "ray.address", "progress_interval": "progress_interval_s",
+}
+_GENERATE_FLAGS: dict[str, str] = {
+    "prompt_column": "prompt_column", "max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p", "top_k": "sampling.top_k", "n": "sampling.n", "seed": "seed",
+}
+_SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride"}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML job config; the flags below override its keys")
+    parser.add_argument("--model", help="checkpoint directory (HF format), readable from every node")
+    parser.add_argument("--input", help="Parquet file or directory (local path or URI)")
+    parser.add_argument("--output", help="output directory; rerunning with the same one resumes the job")
+    parser.add_argument("--id-column", help="column holding unique row ids (default: id; derived from file and "
+                                            "row position when the input has none)")
+    pool = parser.add_argument_group("engine replicas")
+    pool.add_argument("--num-replicas", type=int, help="fixed number of engine actors (each one LLM / TP group)")
+    pool.add_argument("--min-replicas", type=int, help="autoscaling: fewest engine actors")
+    pool.add_argument("--max-replicas", type=int, help="autoscaling: most engine actors")
+    pool.add_argument("--num-cpus-per-replica", type=float, help="CPUs each engine actor reserves (default 1)")
+    pool.add_argument("--num-gpus-per-replica", type=float,
+                      help="GPUs each engine actor reserves (default: 1 on a GPU cluster with TP=1, else 0)")
+    pool.add_argument("--batch-size", type=int, help="rows per engine call (default 32)")
+    pool.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica's shard group (default 1)")
+    pool.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    pool.add_argument("--device", help="auto, cpu or cuda")
+    pool.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--rows-per-file", type=int, help="input rows per committed output file")
+    run.add_argument("--dry-run", type=int, metavar="N",
+                     help="run N sample rows, print them and the projected wall time; write nothing")
+    run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    run.add_argument("--progress-interval", type=float, help="seconds between progress lines (default 10)")
+
+
+def build_generate_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_common(parser)
+    sampling = parser.add_argument_group("generation (per-row columns of the same names override these)")
+    sampling.add_argument("--prompt-column", help="column holding the prompts (default: prompt)")
+    sampling.add_argument("--max-tokens", type=int, help="tokens to generate per sample (default 64)")
+    sampling.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default 1)")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1)")
+    sampling.add_argument("--top-k", type=int, help="top-k sampling; 0 = off (default 0)")
+    sampling.add_argument("--n", type=int, help="samples per prompt; n > 1 adds sample_index (default 1)")
+    sampling.add_argument("--seed", type=int, help="job seed; each row's seed derives from it and the row id")
+    return parser
+
+
+def build_score_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_common(parser)
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--text-column", help="column holding the texts (default: text)")
+    scoring.add_argument("--window", type=int, help="tokens per scoring window (default: max_model_len)")
+    scoring.add_argument("--stride", type=int, help="tokens between window starts (default: window / 2)")
+    return parser
+
+
+def add_parser(subparsers: Any) -> None:
+    generate = subparsers.add_parser(
+        "generate", help="batch generation: Parquet prompts in, Parquet generations out (Ray Data)",
+        description="Generate completions for every row of a Parquet dataset on a Ray cluster. Resumable: "
+                    "rerun with the same --output to finish an interrupted job.")
+    build_generate_parser(generate).set_defaults(func=lambda args: run_from_args("generate", args))
+    score = subparsers.add_parser(
+        "score", help="perplexity scoring: Parquet texts in, per-row NLL / perplexity out (Ray Data)",
+        description="Score every text of a Parquet dataset (sliding-window NLL, perplexity, bits per byte) "
+                    "and write summary.json with the token-weighted corpus metrics.")
+    build_score_parser(score).set_defaults(func=lambda args: run_from_args("score", args))
+
+
+def overrides_from_args(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    flags = {**_COMMON_FLAGS, **(_GENERATE_FLAGS if kind == "generate" else _SCORE_FLAGS)}
+    overrides = {key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None}
+    if "replicas.num_replicas" in overrides:  # a fixed pool from the command line replaces autoscaling bounds
+        overrides.setdefault("replicas.min_replicas", None)
+        overrides.setdefault("replicas.max_replicas", None)
+    elif "replicas.min_replicas" in overrides or "replicas.max_replicas" in overrides:
+        overrides["replicas.num_replicas"] = None
+    return overrides
+
+
+def run_from_args(kind: str, args: argparse.Namespace) -> int:
+    from neox_ray.batch.config import JobConfigError, load_job_config
+    from neox_ray.batch.progress import format_summary
+    from neox_ray.batch.runner import JobError, run_job
+    from neox_ray.batch.sink import OutputError
+    from neox_ray.batch.source import InputError
+
+    try:
+        config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
+        summary = run_job(config)
+    except JobConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (JobError, InputError, OutputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if "dry_run_rows" in summary:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/<kind>.py``: the same options as ``neox-ray <kind>``."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{kind}.py")
+    (build_generate_parser if kind == "generate" else build_score_parser)(parser)
+    return run_from_args(kind, parser.parse_args(argv))

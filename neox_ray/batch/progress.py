@@ -1,0 +1,99 @@
+"""Progress of a running batch job: rows committed / total, generated tokens/s and an ETA, printed every
+few seconds; and the human-readable end-of-job summary. Pure Python.
+
+It only counts what the commit stage reports (one small row per committed file), so "done" always means
+"durably written".
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class ProgressReporter:
+    def __init__(self, kind: str, total_rows: int, already_done: int, interval_s: float,
+                 log: Callable[[str], None] = print_to_stderr):
+        self.kind = kind
+        self.total_rows = total_rows
+        self.already_done = already_done
+        self.interval_s = interval_s
+        self.log = log
+        self.start = time.monotonic()
+        self.first_commit: float | None = None
+        self.rows = self.errors = self.prompt_tokens = self.generated_tokens = self.files = 0
+        self._rows_at_first_commit = 0
+        self._last_print = self.start
+
+    def update(self, stats: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self.first_commit is None:
+            self.first_commit, self._rows_at_first_commit = now, stats["rows"]
+        self.rows += stats["rows"]
+        self.errors += stats["errors"]
+        self.prompt_tokens += stats["prompt_tokens"]
+        self.generated_tokens += stats["generated_tokens"]
+        self.files += 1
+        if now - self._last_print >= self.interval_s:
+            self._last_print = now
+            self.log(self.line(now))
+
+    @property
+    def done(self) -> int:
+        return self.already_done + self.rows
+
+    def eta_s(self, now: float) -> float | None:
+        # The rate since the first commit, so model loading does not make the estimate look worse forever.
+        if self.first_commit is None or now - self.first_commit < 1e-3 or self.rows <= self._rows_at_first_commit:
+            return None
+        rate = (self.rows - self._rows_at_first_commit) / (now - self.first_commit)
+        return (self.total_rows - self.done) / rate
+
+    def line(self, now: float | None = None) -> str:
+        now = now or time.monotonic()
+        elapsed = now - self.start
+        percent = 100.0 * self.done / max(self.total_rows, 1)
+        tokens = (f"{self.generated_tokens / elapsed:,.1f} generated tok/s" if self.kind == "generate"
+                  else f"{self.prompt_tokens / elapsed:,.1f} scored tok/s")
+        return (f"[{self.kind}] {self.done:,}/{self.total_rows:,} rows ({percent:.1f}%) | {tokens} | "
+                f"errors {self.errors:,} | elapsed {format_duration(elapsed)} | ETA {format_duration(self.eta_s(now))}")
+
+    def run_stats(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.start
+        return {"wall_time_s": round(wall, 3), "rows_this_run": self.rows, "rows_resumed": self.already_done,
+                "errors_this_run": self.errors, "generated_tokens_this_run": self.generated_tokens,
+                "prompt_tokens_this_run": self.prompt_tokens,
+                "rows_per_s": round(self.rows / wall, 3) if wall > 0 else None,
+                "generated_tokens_per_s": round(self.generated_tokens / wall, 3) if wall > 0 else None}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"== {summary['kind']} job complete: {summary['rows']:,} rows "
+             f"({summary['rows_ok']:,} ok, {summary['rows_failed']:,} failed) in {format_duration(summary.get('wall_time_s'))}"]
+    if summary["kind"] == "generate":
+        lines.append(f"   prompt tokens {summary['prompt_tokens']:,} | generated tokens {summary['generated_tokens']:,} | "
+                     f"{summary.get('generated_tokens_per_s') or 0:,.1f} generated tok/s this run")
+    else:
+        def number(key: str) -> str:
+            value = summary.get(key)
+            return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+        lines.append(f"   tokens {summary['num_tokens']:,} | perplexity {number('perplexity')} | bits/byte "
+                     f"{number('bits_per_byte')} | word perplexity {number('word_perplexity')}")
+    lines.append(f"   this run: {summary.get('rows_this_run', 0):,} rows, {summary.get('rows_resumed', 0):,} "
+                 f"already committed before it; {summary['files']} files")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""Runs a batch job: checks, Ray Data pipeline, progress, final verification and summary.
+
+Order matters: everything that can fail because of the user's input (config, checkpoint files, columns,
+ids, output directory of another job) is checked on the driver first; only then does Ray start or
+connect, and only then do engine actors load the model.
+
+The pipeline::
+
+    read (ids, resume filter) -> prepare (CPU tasks) -> engine (actor pool) -> commit (CPU tasks)
+
+The engine stage's actors are created with ``max_restarts`` / ``max_task_retries`` (Ray Data's actor-pool
+fault tolerance): a killed actor is restarted and the calls it held are retried on the pool, so their rows
+are redone. The commit stage names files by content, so retries cannot duplicate rows; :func:`finalize`
+verifies it anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from neox_ray.batch.config import GenerateJobConfig, JobConfig, ScoreJobConfig
+from neox_ray.batch.progress import ProgressReporter, format_duration, print_to_stderr
+from neox_ray.batch.sink import OutputDir, commit_block, finalize, SUCCESS, SUMMARY
+from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
+from neox_ray.batch.stages import (GENERATION_COLUMNS, INTERNAL_COLUMNS, SCORE_COLUMNS, GenerateEngineStage,
+                                   ScoreEngineStage, engine_span, format_generation, format_scores,
+                                   prepare_generation, prepare_scoring)
+from neox_ray.config import ModelConfig
+from neox_ray.engine.scoring import validate_window
+
+logger = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """The job cannot start as configured (found before any model loads)."""
+
+
+@dataclass
+class Preflight:
+    plan: InputPlan
+    max_model_len: int
+    window: int | None = None
+    stride: int | None = None
+
+
+def kind_of(config: JobConfig) -> str:
+    return "generate" if isinstance(config, GenerateJobConfig) else "score"
+
+
+def preflight(config: JobConfig) -> Preflight:
+    """Checks the checkpoint files and the input against the job, without Ray and without loading weights."""
+    model_dir = Path(config.model)
+    for name in ("config.json", "tokenizer.json"):
+        if not (model_dir / name).is_file():
+            raise JobError(f"model directory {config.model} has no {name} (it must be a HuggingFace-format "
+                           "GPT-NeoX checkpoint readable from every node)")
+    try:
+        model_config = ModelConfig.from_pretrained(config.model)
+    except ValueError as exc:
+        raise JobError(f"model {config.model}: {exc}") from None
+    max_model_len = config.engine_config.max_model_len or model_config.max_position_embeddings
+    if isinstance(config, GenerateJobConfig):
+        max_tokens = config.sampling_params.max_tokens
+        if max_tokens >= max_model_len:
+            raise JobError(f"sampling.max_tokens={max_tokens} leaves no room for a prompt in max_model_len="
+                           f"{max_model_len}")
+        reserved = tuple(c for c in GENERATION_COLUMNS) + INTERNAL_COLUMNS
+        plan = plan_input(config.input, config.prompt_column, config.id_column, reserved)
+        return Preflight(plan, max_model_len)
+    assert isinstance(config, ScoreJobConfig)
+    window = config.window if config.window is not None else max_model_len
+    stride = config.stride if config.stride is not None else max(1, window // 2)
+    try:
+        validate_window(window, stride, max_model_len)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    plan = plan_input(config.input, config.text_column, config.id_column, SCORE_COLUMNS + INTERNAL_COLUMNS)
+    return Preflight(plan, max_model_len, window, stride)
+
+
+def job_identity(config: JobConfig, checks: Preflight) -> dict[str, Any]:
+    """What must not change between a run and its resume (other settings, e.g. replicas, may)."""
+    identity: dict[str, Any] = {"kind": kind_of(config), "model": str(config.model), "input": str(config.input),
+                                "id_column": config.id_column, "seed": config.seed}
+    if isinstance(config, GenerateJobConfig):
+        identity.update(prompt_column=config.prompt_column, sampling=dict(sorted(config.sampling.items())))
+    else:
+        assert isinstance(config, ScoreJobConfig)
+        identity.update(text_column=config.text_column, window=checks.window, stride=checks.stride)
+    return identity
+
+
+def connect_ray(config: JobConfig) -> bool:
+    """Joins a cluster (``ray.address`` or RAY_ADDRESS) or starts a local instance. True if we called init."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, configure_logging=False)
+    else:
+        ray.init(address="local", num_cpus=config.ray.local_num_cpus, include_dashboard=False,
+                 configure_logging=False)
+    return True
+
+
+def engine_resources(config: JobConfig) -> dict[str, float]:
+    """``num_cpus`` / ``num_gpus`` of each engine actor, checked against the cluster so nothing waits forever."""
+    import ray
+
+    engine = config.engine_config
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    num_gpus = config.replicas.num_gpus
+    if engine.device == "cuda" and cluster_gpus == 0:
+        raise JobError("engine.device=cuda but the Ray cluster has no GPUs")
+    if num_gpus is None:
+        num_gpus = 1.0 if engine.tensor_parallel_size == 1 and cluster_gpus > 0 and engine.device != "cpu" else 0.0
+    elif num_gpus > 0 and cluster_gpus == 0:
+        raise JobError(f"replicas.num_gpus={num_gpus} but the Ray cluster has no GPUs (the actors would never start)")
+    resources = {"num_cpus": config.replicas.num_cpus}
+    if num_gpus:
+        resources["num_gpus"] = num_gpus
+    return resources
+
+
+def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | None, *,
+                   dry_run_rows: int | None = None, output: str | None = None):
+    """The Ray Data dataset for the job; with ``dry_run_rows`` it stops after the engine (one actor)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    kind = kind_of(config)
+    cpu = config.cpu_stage_num_cpus
+    source = IdentifiedParquetDatasource(checks.plan, config.rows_per_block, skip_ids)
+    ds = ray.data.read_datasource(source.as_ray_datasource(), num_cpus=cpu)
+    if dry_run_rows is not None:
+        ds = ds.limit(dry_run_rows)
+    if isinstance(config, GenerateJobConfig):
+        ds = ds.map_batches(prepare_generation, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
+                            fn_kwargs=dict(model=config.model, prompt_column=config.prompt_column,
+                                           sampling=config.sampling, job_seed=config.seed,
+                                           max_model_len=checks.max_model_len))
+        stage, constructor_kwargs = GenerateEngineStage, {}
+    else:
+        assert isinstance(config, ScoreJobConfig)
+        ds = ds.map_batches(prepare_scoring, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
+                            fn_kwargs=dict(model=config.model, text_column=config.text_column))
+        stage = ScoreEngineStage
+        constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride)
+    low, high = (1, 1) if dry_run_rows is not None else config.replicas.pool_bounds
+    calls = config.replicas.max_concurrent_batches
+    ds = ds.map_batches(
+        stage, batch_format="pyarrow", batch_size=config.replicas.batch_size,
+        fn_constructor_kwargs=dict(model=config.model, engine_kwargs=config.engine_kwargs, **constructor_kwargs),
+        compute=ActorPoolStrategy(min_size=low, max_size=high, max_concurrent_calls_per_actor=calls,
+                                  max_tasks_in_flight_per_actor=calls, enable_true_multi_threading=True),
+        **_restart_policy(config), **engine_resources(config))
+    if dry_run_rows is not None:
+        return ds
+    num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
+    return ds.map_batches(commit_block, batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=cpu,
+                          fn_kwargs=dict(output=output, kind=kind, num_samples=num_samples))
+
+
+def _restart_policy(config: JobConfig) -> dict[str, int]:
+    """Ray Data already creates pool actors with ``max_restarts=-1, max_task_retries=-1`` (a killed actor is
+    restarted and its calls retried): we keep that default and only pass a bound the user asked for."""
+    if config.replicas.max_restarts == -1:
+        return {}
+    return {"max_restarts": config.replicas.max_restarts, "max_task_retries": -1}
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    # Our progress line replaces Ray Data's bars, which are unreadable in job logs.
+    DataContext.get_current().enable_progress_bars = False
+
+
+def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> dict[str, Any]:
+    """Runs (or resumes, or dry-runs) the job and returns its summary."""
+    kind = kind_of(config)
+    checks = preflight(config)
+    if config.dry_run is not None:
+        started_ray = connect_ray(config)
+        try:
+            _quiet_ray_data()
+            return dry_run(config, checks, log)
+        finally:
+            _shutdown(started_ray)
+
+    output = OutputDir(config.output)
+    if output.exists(SUCCESS) and output.exists(SUMMARY):
+        import json
+
+        log(f"[{kind}] {config.output} is already complete ({SUCCESS} present); nothing to do")
+        return json.loads(output.read_text(SUMMARY))
+    committed = output.start(job_identity(config, checks))
+    already = len(committed) if committed is not None else 0
+    total = checks.plan.total_rows
+    log(f"[{kind}] {total:,} input rows in {len(checks.plan.files)} file(s); {already:,} already committed in "
+        f"{config.output}")
+    started_ray = connect_ray(config)
+    try:
+        _quiet_ray_data()
+        progress = ProgressReporter(kind, total, already, config.progress_interval_s, log)
+        if already < total:
+            ds = build_pipeline(config, checks, committed, output=config.output)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for stats in batch.to_pylist():
+                    progress.update(stats)
+            log(progress.line())
+        num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
+        return finalize(output, checks.plan, kind, num_samples, progress.run_stats())
+    finally:
+        _shutdown(started_ray)
+
+
+def _shutdown(started_ray: bool) -> None:
+    if started_ray:
+        import ray
+
+        ray.shutdown()
+
+
+def dry_run(config: JobConfig, checks: Preflight, log: Callable[[str], None]) -> dict[str, Any]:
+    """Runs N sample rows on one engine replica and projects the wall time of the whole job."""
+    kind = kind_of(config)
+    rows = min(config.dry_run or 1, checks.plan.total_rows)
+    started = time.time()
+    batches = list(build_pipeline(config, checks, None, dry_run_rows=rows)
+                   .iter_batches(batch_size=None, batch_format="pyarrow"))
+    wall = time.time() - started
+    spans = [s for s in (engine_span(b) for b in batches) if s is not None]
+    num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
+    tables = [format_generation(b, num_samples) if kind == "generate" else format_scores(b) for b in batches]
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    first_start = min(s[0] for s in spans) if spans else started
+    engine_s = max(max(s[1] for s in spans) - first_start, 1e-6) if spans else wall
+    startup_s = max(first_start - started, 0.0)
+    replicas = config.replicas.pool_bounds[1]
+    per_replica_rate = rows / engine_s
+    projected_s = startup_s + checks.plan.total_rows / (per_replica_rate * replicas)
+    token_column = "num_generated_tokens" if kind == "generate" else "num_tokens"
+    tokens = int(sum(v or 0 for v in table.column(token_column).to_pylist())) if table.num_rows else 0
+    errors = sum(1 for e in table.column("error").to_pylist() if e is not None) if table.num_rows else 0
+    report = {"kind": kind, "dry_run_rows": rows, "errors": errors, "wall_time_s": round(wall, 3),
+              "startup_s": round(startup_s, 3), "engine_s": round(engine_s, 3),
+              "rows_per_s_per_replica": round(per_replica_rate, 3),
+              "tokens_per_s_per_replica": round(tokens / engine_s, 3), "total_rows": checks.plan.total_rows,
+              "replicas": replicas, "projected_wall_time_s": round(projected_s, 1)}
+    shown = [c for c in ("id", "generated_text", "finish_reason", "perplexity", "error") if c in table.column_names]
+    for row in table.select(shown).slice(0, 3).to_pylist():
+        log(f"[dry run] {row}")
+    log(f"[dry run] {rows} rows in {engine_s:.1f}s on one replica after {startup_s:.1f}s start-up: "
+        f"{per_replica_rate:.2f} rows/s, {tokens / engine_s:.1f} tok/s per replica, {errors} error row(s)")
+    log(f"[dry run] projected wall time for {checks.plan.total_rows:,} rows on {replicas} replica(s): "
+        f"{format_duration(projected_s)} (small samples under-fill the continuous batch, so this is pessimistic)")
+    return report

@@ -1,0 +1,308 @@
+"""The pipeline's stages, each a function or class that Ray Data runs with ``map_batches`` on Arrow tables.
+
+``prepare`` (CPU tasks): validates each row, resolves its sampling parameters (job defaults, per-row
+overrides, a seed derived from the job seed and the row id) and tokenizes. A bad row is not an exception:
+it gets an ``error`` and skips the engine.
+
+``GenerateEngineStage`` / ``ScoreEngineStage`` (an actor pool): each actor owns one ``LLM`` (one TP shard
+group) behind an :class:`AsyncLLMEngine`. Ray Data runs several calls per actor at once; every call submits
+its rows to the same engine loop, so rows from all calls share one continuous batch and a finished row's
+slot goes to the next waiting row at the next step. If the engine loop dies, the actor exits so Ray
+restarts it and retries its calls.
+
+``format_generation`` / ``format_scores`` (CPU, inside the commit task): final column layout, one row per
+sample. Text comes out of the engine already detokenized: its incremental detokenizer is what finds stop
+strings, so decoding again here would only repeat that work.
+
+Reading belongs to :mod:`neox_ray.batch.source`, writing to :mod:`neox_ray.batch.sink`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from neox_ray.engine.sampling_params import SamplingParams
+from neox_ray.engine.scoring import make_score_task
+
+logger = logging.getLogger(__name__)
+
+# Per-row overrides a generation input may carry (null = the job's default).
+OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_INTEGER_OVERRIDES = ("max_tokens", "top_k", "seed")
+
+GENERATION_COLUMNS = ("generated_text", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "error",
+                      "sample_index")
+SCORE_COLUMNS = ("num_tokens", "nll", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity",
+                 "num_bytes", "num_words", "error")
+
+# Columns that only travel between stages.
+TOKEN_IDS = "__neox_token_ids"
+SAMPLING = "__neox_sampling"
+TEXTS = "__neox_texts"
+NUM_GENERATED = "__neox_num_generated"
+FINISH_REASONS = "__neox_finish_reasons"
+ENGINE_START = "__neox_engine_start"   # wall-clock span of the engine call (dry-run projection)
+ENGINE_END = "__neox_engine_end"
+INTERNAL_COLUMNS = (TOKEN_IDS, SAMPLING, TEXTS, NUM_GENERATED, FINISH_REASONS, ENGINE_START, ENGINE_END)
+
+_SEED_BITS = 40  # the sampler multiplies seeds by ~1e6 and torch seeds are 64-bit: stay well inside
+
+
+def row_seed(job_seed: int, row_id: Any) -> int:
+    """A row's sampling seed: a hash of the job seed and the row id, so it does not depend on which replica
+    or batch the row lands in."""
+    digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> (64 - _SEED_BITS)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str):
+    from neox_ray.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(model_dir)
+
+
+# ---- prepare (CPU) ---------------------------------------------------------------------------------------
+def _text_error(value: Any, what: str) -> str | None:
+    if value is None:
+        return f"{what} is null"
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {type(value).__name__}"
+    if not value:
+        return f"{what} is empty"
+    return None
+
+
+def _row_overrides(batch: pa.Table, row: int, columns: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for name in columns:
+        value = batch.column(name)[row].as_py()
+        if isinstance(value, float) and math.isnan(value):
+            value = None  # pandas-written files store a missing number as NaN
+        if name in _INTEGER_OVERRIDES and isinstance(value, float) and value.is_integer():
+            value = int(value)  # an integer column with nulls, written by pandas as float64
+        if value is not None:
+            overrides[name] = value
+    return overrides
+
+
+def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampling: dict[str, Any],
+                       job_seed: int, max_model_len: int) -> pa.Table:
+    """Adds the token ids, the resolved sampling parameters (JSON), ``num_prompt_tokens`` and ``error``."""
+    defaults = SamplingParams(**sampling)
+    tokenizer = _tokenizer(model)
+    override_columns = [c for c in OVERRIDE_COLUMNS if c in batch.column_names]
+    prompts = batch.column(prompt_column).to_pylist()
+    ids = batch.column("id").to_pylist()
+    errors: list[str | None] = []
+    params_json: list[str | None] = []
+    for row, prompt in enumerate(prompts):
+        error = _text_error(prompt, "prompt")
+        params = None
+        if error is None:
+            overrides = _row_overrides(batch, row, override_columns)
+            overrides.setdefault("seed", row_seed(job_seed, ids[row]))
+            try:
+                params = defaults.with_overrides(**overrides)
+            except (TypeError, ValueError) as exc:
+                error = f"invalid per-row override: {exc}"
+        errors.append(error)
+        params_json.append(json.dumps(dataclasses.asdict(params)) if params is not None else None)
+
+    to_encode = [i for i, e in enumerate(errors) if e is None]
+    encoded = tokenizer.encode_batch([prompts[i] for i in to_encode]) if to_encode else []
+    token_ids: list[list[int] | None] = [None] * len(prompts)
+    for row, row_ids in zip(to_encode, encoded):
+        token_ids[row] = row_ids
+        max_tokens = json.loads(params_json[row])["max_tokens"]
+        if not row_ids:
+            errors[row] = "prompt is empty (no tokens)"
+        elif len(row_ids) + max_tokens > max_model_len:  # the engine's own check, made before the GPU stage
+            errors[row] = (f"prompt has {len(row_ids)} tokens; with max_tokens={max_tokens} it exceeds "
+                           f"max_model_len={max_model_len}")
+    return (batch.append_column(TOKEN_IDS, pa.array(token_ids, type=pa.list_(pa.int32())))
+            .append_column(SAMPLING, pa.array(params_json, type=pa.string()))
+            .append_column("num_prompt_tokens", pa.array([len(t) if t is not None else None for t in token_ids],
+                                                         type=pa.int64()))
+            .append_column("error", pa.array(errors, type=pa.string())))
+
+
+def prepare_scoring(batch: pa.Table, *, model: str, text_column: str) -> pa.Table:
+    tokenizer = _tokenizer(model)
+    texts = batch.column(text_column).to_pylist()
+    errors = [_text_error(t, "text") for t in texts]
+    to_encode = [i for i, e in enumerate(errors) if e is None]
+    encoded = tokenizer.encode_batch([texts[i] for i in to_encode]) if to_encode else []
+    token_ids: list[list[int] | None] = [None] * len(texts)
+    for row, row_ids in zip(to_encode, encoded):
+        token_ids[row] = row_ids
+        if not row_ids:
+            errors[row] = "text is empty (no tokens to score)"
+    return (batch.append_column(TOKEN_IDS, pa.array(token_ids, type=pa.list_(pa.int32())))
+            .append_column("error", pa.array(errors, type=pa.string())))
+
+
+# ---- engine (actor pool) ---------------------------------------------------------------------------------
+class _EngineActor:
+    """Owns one LLM and the background loop that all concurrent calls on this actor feed."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any]):
+        from neox_ray.engine.async_engine import AsyncLLMEngine
+        from neox_ray.llm import LLM
+
+        started = time.monotonic()
+        self.llm = LLM(model, **engine_kwargs)
+        self.engine = AsyncLLMEngine(self.llm.engine)
+        logger.info("engine actor pid %d loaded %s in %.1fs", os.getpid(), model, time.monotonic() - started)
+
+    def _exit_if_dead(self, exc: BaseException) -> None:
+        from neox_ray.engine.async_engine import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            # The engine cannot recover in this process; exiting lets Ray restart the actor and retry the
+            # calls it held (max_restarts / max_task_retries), instead of failing the whole job.
+            logger.error("engine loop died (%s); exiting so Ray restarts this actor", exc)
+            os._exit(1)
+
+    def _wait(self, futures: dict[int, Any], errors: list[str | None]) -> dict[int, Any]:
+        results = {}
+        for row, future in futures.items():
+            try:
+                results[row] = future.result()
+            except Exception as exc:
+                self._exit_if_dead(exc)
+                errors[row] = f"engine error: {exc}"
+        return results
+
+
+class GenerateEngineStage(_EngineActor):
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
+        errors: list[str | None] = batch.column("error").to_pylist()
+        token_ids = batch.column(TOKEN_IDS).to_pylist()
+        params_json = batch.column(SAMPLING).to_pylist()
+        futures = {}
+        for row, error in enumerate(errors):
+            if error is not None:
+                continue
+            try:
+                params = SamplingParams(**json.loads(params_json[row]))
+                futures[row] = self.engine.submit_and_wait(token_ids[row], params)
+            except Exception as exc:
+                self._exit_if_dead(exc)
+                errors[row] = str(exc)
+        outputs = self._wait(futures, errors)
+        texts, generated, reasons = [], [], []
+        for row in range(batch.num_rows):
+            output = outputs.get(row) if errors[row] is None else None
+            completions = output.outputs if output is not None else []
+            texts.append([c.text for c in completions] or None)
+            generated.append([len(c.token_ids) for c in completions] or None)
+            reasons.append([c.finish_reason for c in completions] or None)
+        finished = time.time()
+        batch = batch.drop_columns([TOKEN_IDS, SAMPLING])
+        batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, type=pa.string()))
+        return (batch.append_column(TEXTS, pa.array(texts, type=pa.list_(pa.string())))
+                .append_column(NUM_GENERATED, pa.array(generated, type=pa.list_(pa.int64())))
+                .append_column(FINISH_REASONS, pa.array(reasons, type=pa.list_(pa.string())))
+                .append_column(ENGINE_START, pa.array([started] * batch.num_rows, type=pa.float64()))
+                .append_column(ENGINE_END, pa.array([finished] * batch.num_rows, type=pa.float64())))
+
+
+class ScoreEngineStage(_EngineActor):
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], text_column: str, window: int | None,
+                 stride: int | None):
+        super().__init__(model, engine_kwargs)
+        self.text_column = text_column
+        self.window, self.stride = self.llm.engine.score_window(window, stride)
+        self.eot = self.llm.engine.eot_token_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
+        errors: list[str | None] = batch.column("error").to_pylist()
+        token_ids = batch.column(TOKEN_IDS).to_pylist()
+        texts = batch.column(self.text_column).to_pylist()
+        window_params = SamplingParams(max_tokens=1)
+        tasks, futures = {}, {}
+        for row, error in enumerate(errors):
+            if error is not None:
+                continue
+            try:
+                task = make_score_task(texts[row], token_ids[row], self.eot, self.window, self.stride)
+                futures[row] = [self.engine.submit_and_wait(ids, window_params, prefill_only=True,
+                                                            logprob_start=start)
+                                for ids, start in task.requests()]
+                tasks[row] = task
+            except Exception as exc:
+                self._exit_if_dead(exc)
+                errors[row] = str(exc)
+        scores = {}
+        for row, window_futures in futures.items():
+            try:
+                outputs = [f.result() for f in window_futures]
+                scores[row] = tasks[row].finish([o.prompt_logprobs for o in outputs], keep_token_logprobs=False)
+            except Exception as exc:
+                self._exit_if_dead(exc)
+                errors[row] = f"engine error: {exc}"
+        finished = time.time()
+        columns = {name: [] for name in SCORE_COLUMNS if name != "error"}
+        for row in range(batch.num_rows):
+            score = scores.get(row) if errors[row] is None else None
+            for name in columns:
+                columns[name].append(getattr(score, name) if score is not None else None)
+        batch = batch.drop_columns([TOKEN_IDS, "error"])
+        for name, values in columns.items():
+            kind = pa.int64() if name in ("num_tokens", "num_bytes", "num_words") else pa.float64()
+            batch = batch.append_column(name, pa.array(values, type=kind))
+        return (batch.append_column("error", pa.array(errors, type=pa.string()))
+                .append_column(ENGINE_START, pa.array([started] * batch.num_rows, type=pa.float64()))
+                .append_column(ENGINE_END, pa.array([finished] * batch.num_rows, type=pa.float64())))
+
+
+# ---- format (CPU, in the commit task) --------------------------------------------------------------------
+def format_generation(batch: pa.Table, num_samples: int) -> pa.Table:
+    """One row per (input row, sample): input columns, ``id``, the generation columns; ``sample_index`` only
+    when ``num_samples > 1``. An error row is repeated per sample so every sample of every row exists."""
+    passthrough = [c for c in batch.column_names if c not in INTERNAL_COLUMNS and c not in GENERATION_COLUMNS]
+    texts = batch.column(TEXTS).to_pylist()
+    generated = batch.column(NUM_GENERATED).to_pylist()
+    reasons = batch.column(FINISH_REASONS).to_pylist()
+    take, sample_index, out_text, out_generated, out_reason = [], [], [], [], []
+    for row in range(batch.num_rows):
+        for sample in range(num_samples):
+            take.append(row)
+            sample_index.append(sample)
+            ok = texts[row] is not None and sample < len(texts[row])
+            out_text.append(texts[row][sample] if ok else None)
+            out_generated.append(generated[row][sample] if ok else None)
+            out_reason.append(reasons[row][sample] if ok else None)
+    rows = batch.select(passthrough + ["num_prompt_tokens", "error"]).take(pa.array(take, type=pa.int64()))
+    table = rows.select(passthrough)
+    table = (table.append_column("generated_text", pa.array(out_text, type=pa.string()))
+             .append_column("num_prompt_tokens", rows.column("num_prompt_tokens"))
+             .append_column("num_generated_tokens", pa.array(out_generated, type=pa.int64()))
+             .append_column("finish_reason", pa.array(out_reason, type=pa.string()))
+             .append_column("error", rows.column("error")))
+    if num_samples > 1:
+        table = table.append_column("sample_index", pa.array(sample_index, type=pa.int64()))
+    return table
+
+
+def format_scores(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([c for c in INTERNAL_COLUMNS if c in batch.column_names])
+
+
+def engine_span(batch: pa.Table) -> tuple[float, float] | None:
+    if ENGINE_START not in batch.column_names or batch.num_rows == 0:
+        return None
+    return (min(batch.column(ENGINE_START).to_pylist()), max(batch.column(ENGINE_END).to_pylist()))
