@@ -86,7 +86,8 @@ def test_config_surface_is_parsed(variant_dirs) -> None:
     assert ModelConfig.from_pretrained(variant_dirs["sequential_full_rotary"]).use_parallel_residual is False
 
 
-def _cached_step(model, block_size: int, tables: list[list[int]], chunks: list[tuple[list[int], int]]):
+def _cached_step(model, block_size: int, tables: list[list[int]], chunks: list[tuple[list[int], int]],
+                 decode_path: str = "auto"):
     """Feeds each sequence's chunk (token ids, start position) through the paged cache; returns logits."""
     ids, positions, slots, starts, context_lens = [], [], [], [0], []
     for table, (tokens, start) in zip(tables, chunks):
@@ -98,20 +99,24 @@ def _cached_step(model, block_size: int, tables: list[list[int]], chunks: list[t
         context_lens.append(start + len(tokens))
     width = max(len(t) for t in tables)
     meta = AttentionMetadata(starts, context_lens, torch.tensor(slots),
-                             torch.tensor([t + [0] * (width - len(t)) for t in tables])).to(torch.device("cpu"), block_size)
+                             torch.tensor([t + [0] * (width - len(t)) for t in tables])).to(torch.device("cpu"), block_size,
+                                                                            decode_path)
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), meta)), starts
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_incremental_decoding_through_paged_cache_matches_full_forward(variant_dirs, backend: str) -> None:
+@pytest.mark.parametrize("decode_path", ["views", "grouped"])
+def test_incremental_decoding_through_paged_cache_matches_full_forward(variant_dirs, backend: str,
+                                                                       decode_path: str) -> None:
     model = load_model(variant_dirs["pythia"], attention_backend=backend)
     cfg, block_size = model.config, 4
     cache = torch.zeros(cfg.num_hidden_layers, 2, 32, block_size, cfg.num_attention_heads, cfg.head_dim)
     for i, attention in enumerate(model.attention_layers):
         attention.kv_cache = cache[i]
     a, b = random_batch([23, 14], cfg.vocab_size, seed=3)
-    tables = [[7, 2, 9, 11, 3, 14], [5, 0, 30, 8]]  # scattered, non-contiguous blocks
+    # a: scattered blocks (read run by run); b: consecutive blocks (read as one view).
+    tables = [[7, 2, 9, 11, 3, 14], [20, 21, 22, 23]]
     full = [packed_logits(model, [a]), packed_logits(model, [b])]
     # Chunked prefill: a in two chunks (the second attends to cached context), b at once.
     logits, starts = _cached_step(model, block_size, tables, [(a[:6].tolist(), 0), (b[:10].tolist(), 0)])
@@ -121,7 +126,7 @@ def test_incremental_decoding_through_paged_cache_matches_full_forward(variant_d
     # Then one token at a time for both sequences together (the batched decode path).
     for step in range(4):
         pa, pb = 18 + step, 10 + step
-        logits, _ = _cached_step(model, block_size, tables, [([int(a[pa])], pa), ([int(b[pb])], pb)])
+        logits, _ = _cached_step(model, block_size, tables, [([int(a[pa])], pa), ([int(b[pb])], pb)], decode_path)
         torch.testing.assert_close(logits[0], full[0][pa], atol=1e-4, rtol=0)
         torch.testing.assert_close(logits[1], full[1][pb], atol=1e-4, rtol=0)
 

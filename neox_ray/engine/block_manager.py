@@ -8,6 +8,12 @@ A block is published to the cache only once its keys/values have actually been c
 (:meth:`BlockManager.register_computed_blocks`), never at allocation, so a sequence admitted later can
 never read a block another sequence has not filled yet. Blocks are reference counted; a freed block
 keeps its hash and content and stays reusable until it is evicted (least recently freed first).
+
+Contiguity: attention backends that read the cache through views (the CPU path) are far faster when a
+sequence's blocks are consecutive. So a new sequence takes a run of consecutive free blocks when one
+exists, and *softly* reserves the free blocks after it for the tokens it may still generate: its own
+growth takes the next block when free, other sequences avoid reserved blocks while anything else is free,
+but take them rather than fail. Reservations never reduce capacity.
 """
 
 from __future__ import annotations
@@ -31,16 +37,19 @@ def chained_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 prefer_contiguous: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.prefer_contiguous = prefer_contiguous
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order (oldest first). Cached-but-free blocks stay here until reused or evicted.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.soft_reserved: dict[int, int] = {}   # free block id -> seq_id whose growth it is kept for
         self.prefix_cache_hits = 0      # blocks served from the cache
         self.prefix_cache_queries = 0   # full blocks looked up
 
@@ -85,8 +94,9 @@ class BlockManager:
         fresh = self.blocks_needed(seq.num_tokens) - len(hits)
         return fresh + hits_in_free_list <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
-        """Gives ``seq`` blocks for all its current tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, use_cache: bool = True, lookahead_tokens: int = 0) -> None:
+        """Gives ``seq`` blocks for all its current tokens, reusing cached prefix blocks; fresh blocks come
+        from a consecutive free run when possible, with ``lookahead_tokens`` of room softly reserved after it."""
         assert not seq.block_table, "sequence already holds blocks"
         hits = self._cached_prefix(seq, use_cache)
         self.prefix_cache_queries += (seq.num_tokens - 1) // self.block_size if use_cache else 0
@@ -97,14 +107,51 @@ class BlockManager:
                 del self.free_blocks[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-        for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
-            seq.block_table.append(self._take_free_block())
+        fresh = self.blocks_needed(seq.num_tokens) - len(hits)
+        lookahead = self.blocks_needed(seq.num_tokens + lookahead_tokens) - len(hits) - fresh
+        run_start = self._find_free_run(fresh, fresh + lookahead) if fresh else None
+        for i in range(fresh):
+            seq.block_table.append(self._take_free_block(run_start + i if run_start is not None else None))
+        if run_start is not None:
+            for block_id in range(run_start + fresh, run_start + fresh + lookahead):
+                if block_id in self.free_blocks and block_id not in self.soft_reserved:
+                    self.soft_reserved[block_id] = seq.seq_id
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
         seq.num_registered_blocks = len(hits)
 
-    def _take_free_block(self) -> int:
-        block_id, _ = self.free_blocks.popitem(last=False)
+    def _find_free_run(self, need: int, want: int) -> int | None:
+        """Start of the first run of ``want`` (else ``need``) consecutive free, unreserved blocks, preferring
+        runs that hold no cached prefix. None when contiguity is off or no run is long enough."""
+        if not self.prefer_contiguous:
+            return None
+        runs: list[tuple[int, int, bool]] = []  # (start, length, holds cached content)
+        start, cached = None, False
+        for block_id in range(self.num_blocks + 1):
+            usable = block_id < self.num_blocks and block_id in self.free_blocks and block_id not in self.soft_reserved
+            if usable:
+                if start is None:
+                    start, cached = block_id, False
+                cached |= self.blocks[block_id].content_hash is not None
+            elif start is not None:
+                runs.append((start, block_id - start, cached))
+                start = None
+        for length in (want, need):
+            for avoid_cached in (True, False):
+                for run_start, run_length, run_cached in runs:
+                    if run_length >= length and not (avoid_cached and run_cached):
+                        return run_start
+        return None
+
+    def _take_free_block(self, block_id: int | None = None) -> int:
+        """Takes ``block_id`` if given and free, else the least recently freed block not reserved for
+        another sequence's growth (a reserved one only when nothing else is left)."""
+        if block_id is None or block_id not in self.free_blocks:
+            block_id = next((b for b in self.free_blocks if b not in self.soft_reserved), None)
+            if block_id is None:
+                block_id = next(iter(self.free_blocks))
+        del self.free_blocks[block_id]
+        self.soft_reserved.pop(block_id, None)
         block = self.blocks[block_id]
         if block.content_hash is not None:  # evict its cached content
             if self.hash_to_block.get(block.content_hash) == block_id:
@@ -120,7 +167,10 @@ class BlockManager:
     def ensure_capacity(self, seq: Sequence, num_tokens: int) -> None:
         """Grows the block table to hold ``num_tokens`` tokens (callers check :meth:`can_append` first)."""
         while len(seq.block_table) < self.blocks_needed(num_tokens):
-            seq.block_table.append(self._take_free_block())
+            following = seq.block_table[-1] + 1 if seq.block_table else None
+            if self.soft_reserved.get(following, seq.seq_id) != seq.seq_id:
+                following = None  # kept for another sequence's growth
+            seq.block_table.append(self._take_free_block(following))
 
     def free(self, seq: Sequence) -> None:
         # Free in reverse so a sequence's tail blocks are evicted before its (more shareable) head.
@@ -135,6 +185,7 @@ class BlockManager:
                     self.free_blocks[block_id] = None
         seq.block_table = []
         seq.num_registered_blocks = 0
+        self.soft_reserved = {b: owner for b, owner in self.soft_reserved.items() if owner != seq.seq_id}
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Publishes ``seq``'s newly filled full blocks to the prefix cache (call after each step)."""

@@ -16,6 +16,7 @@ from neox_ray.engine.step import StepInput, StepOutput
 
 class Executor(Protocol):
     num_kv_blocks: int
+    prefers_contiguous_kv: bool  # the attention path reads consecutive cache blocks as views (CPU)
 
     def execute(self, step: StepInput) -> StepOutput: ...
 
@@ -41,6 +42,7 @@ class UniprocExecutor:
 
         self.runner = ModelRunner(runner_config_for(config, max_model_len), model_config)
         self.num_kv_blocks = self.runner.num_kv_blocks
+        self.prefers_contiguous_kv = self.runner.device.type == "cpu"
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)

@@ -75,7 +75,8 @@ class LLMEngine:
         factory = executor_factory or UniprocExecutor
         self.executor = factory(config, self.model_config, self.max_model_len)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching,
+                                          prefer_contiguous=self.executor.prefers_contiguous_kv)
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, eos)
         self.requests: dict[str, _RequestState] = {}

@@ -94,7 +94,7 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, use_cache):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, use_cache)
+            self.block_manager.allocate(seq, use_cache, lookahead_tokens=seq.max_tokens - seq.num_output_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -69,6 +69,8 @@ class AttentionMetadata:
     decode_token_index: torch.Tensor | None = field(init=False, default=None)
     decode_context_lens: torch.Tensor | None = field(init=False, default=None)
     decode_groups: list["DecodeGroup"] = field(init=False, default_factory=list)
+    # CPU path: per decode sequence, its context as runs of consecutive cache slots (start, length).
+    decode_runs: list[list[tuple[int, int]]] | None = field(init=False, default=None)
     token_sequence_lens: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -76,8 +78,11 @@ class AttentionMetadata:
         self.prefill_seqs = [i for i, n in enumerate(query_lens) if n > 1]
         self.decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
 
-    def to(self, device: torch.device, block_size: int | None = None) -> "AttentionMetadata":
-        """Builds the derived index tensors once per step, on the model's device (shared by all layers)."""
+    def to(self, device: torch.device, block_size: int | None = None,
+           decode_path: str = "auto") -> "AttentionMetadata":
+        """Builds the derived index tensors once per step, on the model's device (shared by all layers).
+        ``decode_path``: ``views`` (per sequence, reading consecutive blocks in place: best on CPU),
+        ``grouped`` (length-sorted groups gathered into padded batches: best on GPU), ``auto`` by device."""
         if self.decode_seqs:
             self.decode_token_index = torch.tensor([self.query_start_loc[i] for i in self.decode_seqs],
                                                    dtype=torch.long, device=device)
@@ -85,7 +90,13 @@ class AttentionMetadata:
                                                     dtype=torch.long, device=device)
             if block_size is None or self.block_tables is None:
                 raise ValueError("decode sequences need block tables and the cache's block_size")
-            self.decode_groups = _group_decodes(self, block_size, device)
+            if decode_path == "auto":
+                decode_path = "views" if device.type == "cpu" else "grouped"
+            if decode_path == "views":
+                self.decode_runs = [_slot_runs(self.block_tables[i], self.context_lens[i], block_size)
+                                    for i in self.decode_seqs]
+            else:
+                self.decode_groups = _group_decodes(self, block_size, device)
         lens = [self.context_lens[i] for i in range(len(self.context_lens))
                 for _ in range(self.query_start_loc[i + 1] - self.query_start_loc[i])]
         self.token_sequence_lens = torch.tensor(lens, dtype=torch.long, device=device)
@@ -133,6 +144,8 @@ class Attention(nn.Module):
                 mask = _causal_mask_with_offset(end - start, context_len, query.device)
             output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              mask, causal=mask is None)[0]
+        if meta.decode_runs is not None:
+            self._decode_from_views(query, meta, output)
         for group in meta.decode_groups:
             # Gather each group's context blocks into (B, blocks * block_size, heads, dim); groups hold
             # sequences of similar length so little of the gather is padding.
@@ -140,6 +153,22 @@ class Attention(nn.Module):
             out = self._attend(query[group.token_index].unsqueeze(1), kv[0], kv[1], group.mask, causal=False)
             output[group.token_index] = out[:, 0]
         return output
+
+    def _decode_from_views(self, query: torch.Tensor, meta: AttentionMetadata, output: torch.Tensor) -> None:
+        """CPU decode: each sequence attends to its cache slots read as views (no gather) when its blocks
+        are consecutive, which the block manager arranges; otherwise only its own runs are concatenated.
+        Memory-bound on CPU, so avoiding the padded gather is what matters."""
+        keys = self.kv_cache[0].view(-1, self.num_heads, self.head_dim)
+        values = self.kv_cache[1].view(-1, self.num_heads, self.head_dim)
+        for row, runs in zip(meta.decode_token_index.tolist(), meta.decode_runs):
+            if len(runs) == 1:
+                start, length = runs[0]
+                k, v = keys[start:start + length], values[start:start + length]
+            else:
+                k = torch.cat([keys[start:start + length] for start, length in runs])
+                v = torch.cat([values[start:start + length] for start, length in runs])
+            output[row] = self._attend(query[row].view(1, 1, self.num_heads, self.head_dim), k.unsqueeze(0),
+                                       v.unsqueeze(0), None, causal=False)[0, 0]
 
     def _gather_context(self, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         block_size = self.kv_cache.shape[2]
@@ -229,3 +258,17 @@ def _group_decodes(meta: AttentionMetadata, block_size: int, device: torch.devic
             block_tables=meta.block_tables[members, :blocks],
             mask=(positions.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]))
     return result
+
+
+def _slot_runs(block_table: torch.Tensor, context_len: int, block_size: int) -> list[tuple[int, int]]:
+    """The first ``context_len`` cache slots of a sequence as runs of consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for block in block_table[: -(-context_len // block_size)].tolist():
+        start = block * block_size
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + block_size)
+        else:
+            runs.append((start, block_size))
+    overshoot = sum(length for _, length in runs) - context_len
+    runs[-1] = (runs[-1][0], runs[-1][1] - overshoot)
+    return runs

@@ -129,6 +129,7 @@ class RayShardGroupExecutor:
         refs = [w.setup.remote(f"tcp://{host}:{port}", runner_config, model_config) for w in self.workers]
         blocks = self._gather(refs, timeout_s=WORKER_START_TIMEOUT_S + 600.0)
         self.num_kv_blocks = min(blocks)
+        self.prefers_contiguous_kv = not gpus
 
     def _gather(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
         """Waits for every rank; a rank that dies fails the call at once (its peers would block forever
