@@ -23,24 +23,11 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
-def runner_config_for(config: EngineConfig, max_model_len: int):
-    from neox_ray.engine.model_runner import RunnerConfig
-
-    return RunnerConfig(
-        model_dir=config.model, dtype=config.dtype, device=config.device,
-        attention_backend=config.attention_backend, block_size=config.block_size,
-        num_kv_blocks=config.num_kv_blocks, kv_cache_memory=config.kv_cache_memory,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_cache_tokens_hint=min(config.max_num_seqs * max_model_len, 1 << 17),
-        allow_pickle=config.allow_pickle, seed=config.seed)
-
-
 class UniprocExecutor:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
         from neox_ray.engine.model_runner import ModelRunner
 
-        self.runner = ModelRunner(runner_config_for(config, max_model_len), model_config)
+        self.runner = ModelRunner(config, max_model_len, model_config)
         self.num_kv_blocks = self.runner.num_kv_blocks
         self.prefers_contiguous_kv = self.runner.device.type == "cpu"
 

@@ -12,11 +12,10 @@ chunks so long documents never materialize full-vocabulary logits for all their 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 
 from neox_ray.config import ModelConfig
+from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
@@ -28,20 +27,9 @@ logger = logging.getLogger(__name__)
 LOGPROB_CHUNK_ROWS = 1024  # rows of full-vocab logits materialized at once for scoring
 
 
-@dataclass
-class RunnerConfig:
-    model_dir: str
-    dtype: str = "auto"
-    device: str = "auto"
-    attention_backend: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None      # bytes for the KV cache on this rank
-    gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int = 2048
-    max_cache_tokens_hint: int = 65536      # CPU default cache size when nothing else is given
-    allow_pickle: bool = False
-    seed: int | None = None
+# CPU default KV cache when neither num_kv_blocks nor kv_cache_memory is given: room for every sequence at
+# max_model_len, capped at this many tokens.
+CPU_DEFAULT_CACHE_TOKENS = 1 << 17
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -51,13 +39,14 @@ def resolve_device(requested: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig, model_config: ModelConfig | None = None):
+    def __init__(self, config: EngineConfig, max_model_len: int, model_config: ModelConfig | None = None):
         self.config = config
-        self.model_config = model_config or ModelConfig.from_pretrained(config.model_dir)
+        self.max_model_len = max_model_len
+        self.model_config = model_config or ModelConfig.from_pretrained(config.model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.attention_backend = resolve_backend(config.attention_backend, self.device, config.block_size)
-        self.model = load_model(config.model_dir, self.model_config, self.dtype, self.device,
+        self.model = load_model(config.model, self.model_config, self.dtype, self.device,
                                 self.attention_backend, config.allow_pickle)
         self.sampler = Sampler(config.seed)
         self.num_kv_blocks = self._decide_num_blocks()
@@ -80,7 +69,8 @@ class ModelRunner:
         elif self.device.type == "cuda":  # pragma: no cover - needs a GPU
             budget = self._profile_gpu_budget()
         else:
-            budget = -(-cfg.max_cache_tokens_hint // cfg.block_size) * self.kv_bytes_per_block
+            tokens = min(cfg.max_num_seqs * self.max_model_len, CPU_DEFAULT_CACHE_TOKENS)
+            budget = -(-tokens // cfg.block_size) * self.kv_bytes_per_block
         blocks = budget // self.kv_bytes_per_block
         if blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block} bytes")

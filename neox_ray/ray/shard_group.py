@@ -30,7 +30,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from neox_ray.config import ModelConfig
 from neox_ray.engine.engine_config import EngineConfig
-from neox_ray.engine.executor import runner_config_for
 from neox_ray.engine.step import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class ShardWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, init_method: str, runner_config: Any, model_config: ModelConfig) -> int:
+    def setup(self, init_method: str, config: EngineConfig, max_model_len: int, model_config: ModelConfig) -> int:
         import torch
 
         from neox_ray.distributed import init_tensor_parallel
@@ -67,7 +66,7 @@ class ShardWorker:
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         init_tensor_parallel(self.rank, self.world_size, init_method, backend)
-        self.runner = ModelRunner(runner_config, model_config)
+        self.runner = ModelRunner(config, max_model_len, model_config)
         return self.runner.num_kv_blocks
 
     def execute(self, step: StepInput) -> StepOutput | None:
@@ -125,8 +124,7 @@ class RayShardGroupExecutor:
                 max_restarts=0, name=None).remote(rank, tp, threads))
         # Worker processes import torch first: allow for slow starts on a busy node.
         host, port = self._gather([self.workers[0].address.remote()], timeout_s=WORKER_START_TIMEOUT_S)[0]
-        runner_config = runner_config_for(config, max_model_len)
-        refs = [w.setup.remote(f"tcp://{host}:{port}", runner_config, model_config) for w in self.workers]
+        refs = [w.setup.remote(f"tcp://{host}:{port}", config, max_model_len, model_config) for w in self.workers]
         blocks = self._gather(refs, timeout_s=WORKER_START_TIMEOUT_S + 600.0)
         self.num_kv_blocks = min(blocks)
         self.prefers_contiguous_kv = not gpus
