@@ -149,3 +149,65 @@ def test_worker_death_mid_generation_fails_promptly_and_group_rebuilds(ray_sessi
         assert len(out[0].outputs[0].token_ids) == 4
     finally:
         rebuilt.shutdown()
+
+
+def test_shard_group_inside_a_ray_data_actor(ray_session, odd_vocab_checkpoint: Path, reference: LLM,
+                                             tmp_path: Path) -> None:
+    """A batch job whose engine actors each drive a TP=2 shard group gives LLM's (TP=1) greedy outputs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from neox_ray.batch.config import validate_job_config
+    from neox_ray.batch.runner import run_job
+    from neox_ray.batch.sink import read_output
+
+    rows = prompts(4) + prompts(5)
+    pq.write_table(pa.table({"prompt": [" ".join(map(str, p)) for p in rows], "id": [f"r{i}" for i in range(8)]}),
+                   tmp_path / "in.parquet")
+    config = validate_job_config("generate", {
+        "model": str(odd_vocab_checkpoint), "input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"),
+        "sampling": {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True},
+        "engine": {"device": "cpu", "dtype": "float32", "tensor_parallel_size": 2, "block_size": 4,
+                   "worker_num_cpus": 0.25},
+        "replicas": {"num_replicas": 1, "num_cpus": 0.25, "batch_size": 4, "max_concurrent_batches": 2},
+        "progress_interval_s": 1000.0})
+    run_job(config, log=lambda _line: None)
+    out = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    texts = [" ".join(map(str, p)) for p in rows]
+    expected = reference.generate(texts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert all(out[f"r{i}"]["error"] is None for i in range(8))
+    assert [out[f"r{i}"]["generated_text"] for i in range(8)] == [e.outputs[0].text for e in expected]
+
+
+def test_shard_group_inside_a_serve_replica(ray_session, odd_vocab_checkpoint: Path, reference: LLM) -> None:
+    import json
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    from neox_ray.serve.deployment import ServeArgs, build_application
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from ray.serve.context import _get_global_client
+
+    port = _get_global_client().http_config.port  # Serve may already run for another test module
+    args = ServeArgs(model=str(odd_vocab_checkpoint), served_model_name="tp2", replica_num_cpus=0.25,
+                     engine={"device": "cpu", "dtype": "float32", "tensor_parallel_size": 2, "block_size": 4,
+                             "worker_num_cpus": 0.25})
+    serve.run(build_application(args), name="neox-tp2", route_prefix="/neox-tp2")
+    try:
+        body = {"model": "tp2", "prompt": "12 7 301 44", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/neox-tp2/v1/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
+            text = json.loads(response.read())["choices"][0]["text"]
+        expected = reference.generate(["12 7 301 44"], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                      ignore_eos=True))[0].outputs[0].text
+        assert text == expected
+    finally:
+        serve.delete("neox-tp2")

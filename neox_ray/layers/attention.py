@@ -158,17 +158,26 @@ class Attention(nn.Module):
         """CPU decode: each sequence attends to its cache slots read as views (no gather) when its blocks
         are consecutive, which the block manager arranges; otherwise only its own runs are concatenated.
         Memory-bound on CPU, so avoiding the padded gather is what matters."""
-        keys = self.kv_cache[0].view(-1, self.num_heads, self.head_dim)
-        values = self.kv_cache[1].view(-1, self.num_heads, self.head_dim)
+        # (heads, slots, head_dim) views of the whole cache: a sequence's context is a slice of them.
+        keys = self.kv_cache[0].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        values = self.kv_cache[1].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        queries = query.unsqueeze(2)  # (tokens, heads, 1, head_dim)
+        outputs = []
         for row, runs in zip(meta.decode_token_index.tolist(), meta.decode_runs):
             if len(runs) == 1:
                 start, length = runs[0]
-                k, v = keys[start:start + length], values[start:start + length]
+                k, v = keys[:, start:start + length], values[:, start:start + length]
             else:
-                k = torch.cat([keys[start:start + length] for start, length in runs])
-                v = torch.cat([values[start:start + length] for start, length in runs])
-            output[row] = self._attend(query[row].view(1, 1, self.num_heads, self.head_dim), k.unsqueeze(0),
-                                       v.unsqueeze(0), None, causal=False)[0, 0]
+                k = torch.cat([keys[:, start:start + length] for start, length in runs], dim=1)
+                v = torch.cat([values[:, start:start + length] for start, length in runs], dim=1)
+            if self.backend == "eager":
+                outputs.append(self._attend(queries[row].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                            v.transpose(0, 1).unsqueeze(0), None, causal=False)[0].transpose(0, 1))
+            else:
+                # 4-D inputs: torch's CPU flash kernel (3-D ones fall back to the slower math path).
+                outputs.append(F.scaled_dot_product_attention(queries[row].unsqueeze(0), k.unsqueeze(0),
+                                                              v.unsqueeze(0), scale=self.scale)[0])
+        output[meta.decode_token_index] = torch.stack(outputs)[:, :, 0]
 
     def _gather_context(self, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         block_size = self.kv_cache.shape[2]
