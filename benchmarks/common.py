@@ -41,3 +41,43 @@ def timed(label: str, results: dict[str, float]):
     yield
     results[label] = time.perf_counter() - start
     print(f"  {label}: {results[label]:.1f} s", flush=True)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_physical_limits(device: str, dtype: torch.dtype, repeats: int = 5) -> dict[str, float]:
+    """The two ceilings, measured here: dense matmul FLOP/s in ``dtype`` (4096^3 on GPU, 2048^3 on CPU,
+    random data) and memory bandwidth (a large copy; bytes read + written). Medians of ``repeats``."""
+    size = 4096 if device.startswith("cuda") else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    src = torch.randn(64 * 1024 * 1024 // 4 * 4, device=device)  # 256 MiB of fp32
+    dst = torch.empty_like(src)
+
+    def median_time(fn) -> float:
+        fn()
+        _synchronize(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    matmul_s = median_time(lambda: torch.mm(a, b))
+    copy_s = median_time(lambda: dst.copy_(src))
+    return {"matmul_flops": 2 * size ** 3 / matmul_s, "bandwidth_bytes": 2 * src.numel() * 4 / copy_s}
+
+
+def parameter_counts(model_dir: Path) -> dict[str, int]:
+    """Matmul parameters of a GPT-NeoX checkpoint: all decoder layers, and the LM head."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    per_layer = 4 * hidden * hidden + 2 * hidden * config.get("intermediate_size", 4 * hidden)
+    return {"layers": config["num_hidden_layers"] * per_layer, "lm_head": vocab * hidden}

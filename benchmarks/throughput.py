@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import checkpoint, timed, workload  # noqa: E402
+from common import checkpoint, measure_physical_limits, parameter_counts, timed, workload  # noqa: E402
 
 
 def run_neox_ray(model_dir: Path, jobs, args) -> int:
@@ -36,6 +37,36 @@ def run_neox_ray(model_dir: Path, jobs, args) -> int:
     assert produced == sum(m for _, m in jobs), "every request must produce exactly max_tokens tokens"
     print(f"  engine stats: {llm.engine.stats()}")
     return produced, results["neox-ray generate"]
+
+
+def report_physical_limits(model_dir: Path, jobs, ours_s: float, args) -> None:
+    """Prints what fraction of this machine's two ceilings the engine reached: large-batch generation vs
+    matmul peak (FLOPs the workload needs / time), and batch-1 decode vs the memory-bandwidth bound
+    (every weight read once per token)."""
+    from neox_ray import LLM, SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    limits = measure_physical_limits(args.device, dtype)
+    params = parameter_counts(model_dir)
+    element = torch.tensor([], dtype=dtype).element_size()
+    prompt_tokens = sum(len(p) for p, _ in jobs)
+    generated = sum(m for _, m in jobs)
+    # Prefill tokens go through the layers only (logits for the last prompt token are counted as decode).
+    flops = 2 * (prompt_tokens * params["layers"] + generated * (params["layers"] + params["lm_head"]))
+    weight_bytes = (params["layers"] + params["lm_head"]) * element  # read once per batch-1 decode step
+    print(f"ceilings here: {limits['matmul_flops'] / 1e9:.1f} GFLOP/s matmul ({args.dtype}), "
+          f"{limits['bandwidth_bytes'] / 1e9:.1f} GB/s copy")
+    print(f"large-batch generation: {flops / ours_s / 1e9:.1f} GFLOP/s = "
+          f"{flops / ours_s / limits['matmul_flops']:.0%} of matmul peak")
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_num_seqs=1)
+    sampling = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    llm.generate([[11] * 32], sampling)  # warm-up
+    start = time.perf_counter()
+    llm.generate([[12] * 32], sampling)
+    per_token_s = (time.perf_counter() - start) / 64
+    bound_s = weight_bytes / limits["bandwidth_bytes"]
+    print(f"batch-1 decode: {1 / per_token_s:.1f} tok/s; bandwidth bound {1 / bound_s:.1f} tok/s "
+          f"({weight_bytes / 1e6:.0f} MB of weights per token) = {bound_s / per_token_s:.0%} of it")
 
 
 def run_transformers(model_dir: Path, jobs, args) -> tuple[int, float]:
@@ -70,6 +101,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=96)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--physical-limits", action="store_true",
+                        help="also measure matmul peak and memory bandwidth here and print the fractions reached")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -80,6 +113,8 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)")
     ours_tokens, ours_s = run_neox_ray(model_dir, jobs, args)
     print(f"neox-ray:     {ours_tokens / ours_s:8.1f} useful generated tok/s")
+    if args.physical_limits:
+        report_physical_limits(model_dir, jobs, ours_s, args)
     if args.skip_baseline:
         return
     hf_tokens, hf_s = run_transformers(model_dir, jobs, args)
