@@ -1,0 +1,1 @@
+"""Model definitions composed from neox_ray.layers (one file per architecture)."""

@@ -1,0 +1,1 @@
+"""Ray-specific runtime pieces: the tensor-parallel shard group. Nothing below this package imports Ray."""
