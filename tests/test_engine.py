@@ -285,3 +285,49 @@ def test_bad_prompts_name_their_index_before_any_compute(llm: LLM) -> None:
 def test_progress_bar_runs(llm: LLM, capsys) -> None:
     llm.generate(["a", "b"], SamplingParams(max_tokens=3), use_tqdm=True)
     assert "tok/s" in capsys.readouterr().err
+
+
+def test_async_engine_shares_one_loop_and_reports_death(tiny_checkpoint: Path) -> None:
+    import asyncio
+
+    from neox_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+
+    llm = LLM(str(tiny_checkpoint), block_size=4)
+    engine = AsyncLLMEngine(llm.engine, max_queued_requests=8)
+    try:
+        prompts = random_prompts([5, 9, 13, 7], seed=20)
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+        async def stream_all() -> list[list[int]]:
+            async def one(prompt: list[int]) -> list[int]:
+                last = None
+                async for output in engine.stream(prompt, params):
+                    last = output
+                return last.outputs[0].token_ids
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        streamed = asyncio.run(stream_all())
+        assert streamed == [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.scheduler.stats.shared_decode_steps > 0
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            engine.submit_and_wait([10**6], params)
+        import threading
+
+        release = threading.Event()
+
+        def failing_device(step):  # holds the step until the queue is full, then fails like a dead GPU
+            release.wait(30)
+            raise RuntimeError("simulated device failure")
+
+        llm.engine.executor.execute = failing_device
+        futures = [engine.submit_and_wait([5] * 8, params) for _ in range(8)]
+        with pytest.raises(QueueFullError):
+            engine.submit_and_wait([5] * 8, params)
+        release.set()
+        for future in futures:
+            with pytest.raises(EngineDeadError, match="simulated device failure"):
+                future.result(timeout=30)
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+    finally:
+        engine.shutdown()

@@ -59,7 +59,8 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._stopped = False
         self.error: BaseException | None = None
-        self._num_pending = 0  # submitted, not yet finished (guarded by the GIL; only a soft limit)
+        self._num_pending = 0  # submitted, not yet finished; changed by callers and the loop thread
+        self._pending_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="neox-ray-engine", daemon=True)
         self._thread.start()
 
@@ -81,10 +82,11 @@ class AsyncLLMEngine:
         ``(None, error)`` if the request fails."""
         self.check_health()
         self.engine.validate_prompt(list(prompt_token_ids), 0 if prefill_only else params.max_tokens)
-        if self.max_queued_requests is not None and self._num_pending >= self.max_queued_requests:
-            raise QueueFullError(f"{self._num_pending} requests pending (limit {self.max_queued_requests})")
+        with self._pending_lock:
+            if self.max_queued_requests is not None and self._num_pending >= self.max_queued_requests:
+                raise QueueFullError(f"{self._num_pending} requests pending (limit {self.max_queued_requests})")
+            self._num_pending += 1
         request_id = request_id or uuid.uuid4().hex
-        self._num_pending += 1
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, prefill_only, logprob_start, sink))
         self._wakeup.set()
         return request_id
@@ -150,13 +152,17 @@ class AsyncLLMEngine:
                                             command.prompt, command.prefill_only, command.logprob_start)
                     self._sinks[command.request_id] = command.sink
                 except Exception as exc:  # validation raced with a config change, duplicate id, ...
-                    self._num_pending -= 1
+                    self._release_pending()
                     command.sink(None, exc)
             else:
                 _, request_id = command
                 if self.engine.abort(request_id):
-                    self._num_pending -= 1
+                    self._release_pending()
                 self._sinks.pop(request_id, None)
+
+    def _release_pending(self) -> None:
+        with self._pending_lock:
+            self._num_pending -= 1
 
     def _loop(self) -> None:
         try:
@@ -170,7 +176,7 @@ class AsyncLLMEngine:
                     sink = self._sinks.get(output.request_id)
                     if output.finished:
                         self._sinks.pop(output.request_id, None)
-                        self._num_pending -= 1
+                        self._release_pending()
                     if sink is not None:
                         sink(output, None)
         except BaseException as exc:  # the engine is unusable now: fail everyone waiting

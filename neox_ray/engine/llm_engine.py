@@ -83,7 +83,6 @@ class LLMEngine:
         self._seq_to_request: dict[int, tuple[_RequestState, _SampleState]] = {}
         self._request_counter = itertools.count()
         self.num_generated_tokens = 0
-        self.num_prompt_tokens_computed = 0
         self.num_aborted = 0
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -178,11 +177,7 @@ class LLMEngine:
         step_output = self.executor.execute(self._build_step(scheduled))
         sampled = {seq_id: r.token_id for seq_id, r in step_output.samples.items()}
         self._record_prompt_logprobs(scheduled, step_output)
-        for item in scheduled:
-            if item.completes_prompt and not item.seq.prefill_only:
-                self.num_generated_tokens += 1
-            elif not item.completes_prompt:
-                self.num_prompt_tokens_computed += item.num_new_tokens
+        self.num_generated_tokens += sum(1 for item in scheduled if item.completes_prompt and not item.seq.prefill_only)
         changed = self.scheduler.update(scheduled, sampled)
         touched: dict[str, _RequestState] = {}
         now = time.monotonic()
