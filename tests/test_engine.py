@@ -282,6 +282,14 @@ def test_bad_prompts_name_their_index_before_any_compute(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
+def test_request_larger_than_the_kv_cache_fails_before_any_is_queued(tiny_checkpoint: Path) -> None:
+    small = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=8)  # 32 tokens of cache
+    with pytest.raises(ValueError, match="prompt 1: prompt of 20 tokens \\+ max_tokens=16 needs 9 KV cache blocks"):
+        small.generate([[5] * 4, [6] * 20], SamplingParams(max_tokens=16))
+    assert not small.engine.has_unfinished()
+    assert len(small.generate([[5] * 4], SamplingParams(max_tokens=16))[0].outputs[0].token_ids) >= 1
+
+
 def test_progress_bar_runs(llm: LLM, capsys) -> None:
     llm.generate(["a", "b"], SamplingParams(max_tokens=3), use_tqdm=True)
     assert "tok/s" in capsys.readouterr().err

@@ -104,6 +104,10 @@ class LLMEngine:
         if len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; with max_tokens={max_tokens} it exceeds "
                              f"max_model_len={self.max_model_len}")
+        blocks = self.block_manager.blocks_needed(len(prompt_token_ids) + max_tokens)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens + max_tokens={max_tokens} needs {blocks} KV "
+                             f"cache blocks but the cache has {self.block_manager.num_blocks}")
 
     @property
     def eot_token_id(self) -> int:
