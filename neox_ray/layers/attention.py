@@ -12,8 +12,10 @@ Backends:
   imports and the block size is a multiple of 256 (flash-attn's paged-KV requirement).
 - ``eager``: plain matmul + softmax in float32, the reference the other two are tested against.
 
-Prefill sequences (query length > 1) are attended one by one; decode sequences (query length 1) in one
-batched call. What this module leaves to others: which tokens are in the batch (scheduler), which blocks
+Prefill sequences (query length > 1) are attended one by one. Decode sequences (query length 1) take one
+of two paths: ``views`` (CPU: each sequence reads its consecutive cache blocks in place, no gather; CPU
+attention is memory-bound, so copying the context first would cost more than the attention) or ``grouped``
+(GPU without flash-attn: sequences of similar length gathered into padded batches, one SDPA call each). What this module leaves to others: which tokens are in the batch (scheduler), which blocks
 a sequence owns (block manager), and building the metadata tensors (model runner).
 """
 
