@@ -32,7 +32,8 @@ class Sampler:
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(rows)} sampling rows")
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.num_logprobs is not None for r in rows) else None
-        logits = logits.clone()
+        if any(r.needs_history or r.banned_token_ids for r in rows):
+            logits = logits.clone()  # penalties and bans edit in place; the caller's logits stay intact
         self._apply_penalties(logits, rows)
         for i, row in enumerate(rows):
             if row.banned_token_ids:

@@ -95,8 +95,8 @@ class AttentionMetadata:
             if decode_path == "auto":
                 decode_path = "views" if device.type == "cpu" else "grouped"
             if decode_path == "views":
-                self.decode_runs = [_slot_runs(self.block_tables[i], self.context_lens[i], block_size)
-                                    for i in self.decode_seqs]
+                tables = self.block_tables.tolist()  # one host copy per step, not one per sequence
+                self.decode_runs = [_slot_runs(tables[i], self.context_lens[i], block_size) for i in self.decode_seqs]
             else:
                 self.decode_groups = _group_decodes(self, block_size, device)
         lens = [self.context_lens[i] for i in range(len(self.context_lens))
@@ -165,7 +165,8 @@ class Attention(nn.Module):
         values = self.kv_cache[1].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
         queries = query.unsqueeze(2)  # (tokens, heads, 1, head_dim)
         outputs = []
-        for row, runs in zip(meta.decode_token_index.tolist(), meta.decode_runs):
+        rows = [meta.query_start_loc[i] for i in meta.decode_seqs]
+        for row, runs in zip(rows, meta.decode_runs):
             if len(runs) == 1:
                 start, length = runs[0]
                 k, v = keys[:, start:start + length], values[:, start:start + length]
@@ -271,10 +272,10 @@ def _group_decodes(meta: AttentionMetadata, block_size: int, device: torch.devic
     return result
 
 
-def _slot_runs(block_table: torch.Tensor, context_len: int, block_size: int) -> list[tuple[int, int]]:
+def _slot_runs(block_table: list[int], context_len: int, block_size: int) -> list[tuple[int, int]]:
     """The first ``context_len`` cache slots of a sequence as runs of consecutive slots."""
     runs: list[tuple[int, int]] = []
-    for block in block_table[: -(-context_len // block_size)].tolist():
+    for block in block_table[: -(-context_len // block_size)]:
         start = block * block_size
         if runs and runs[-1][0] + runs[-1][1] == start:
             runs[-1] = (runs[-1][0], runs[-1][1] + block_size)
