@@ -301,10 +301,12 @@ def test_async_engine_shares_one_loop_and_reports_death(tiny_checkpoint: Path) -
     from neox_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 
     llm = LLM(str(tiny_checkpoint), block_size=4)
+    prompts = random_prompts([5, 9, 13, 7], seed=20)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    # Offline reference first: once the async loop owns the engine, only its thread may step it.
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=8)
     try:
-        prompts = random_prompts([5, 9, 13, 7], seed=20)
-        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
         async def stream_all() -> list[list[int]]:
             async def one(prompt: list[int]) -> list[int]:
@@ -315,7 +317,7 @@ def test_async_engine_shares_one_loop_and_reports_death(tiny_checkpoint: Path) -
             return await asyncio.gather(*(one(p) for p in prompts))
 
         streamed = asyncio.run(stream_all())
-        assert streamed == [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert streamed == expected
         assert llm.engine.scheduler.stats.shared_decode_steps > 0
         with pytest.raises(ValueError, match="outside the vocabulary"):
             engine.submit_and_wait([10**6], params)
