@@ -16,7 +16,7 @@ from neox_ray.engine.step import StepInput, StepOutput
 
 class Executor(Protocol):
     num_kv_blocks: int
-    prefers_contiguous_kv: bool  # the attention path reads consecutive cache blocks as views (CPU)
+    prefers_contiguous_kv: bool  # the decode path reads consecutive cache blocks as views (CPU, no kernel)
 
     def execute(self, step: StepInput) -> StepOutput: ...
 
@@ -29,7 +29,7 @@ class UniprocExecutor:
 
         self.runner = ModelRunner(config, max_model_len, model_config)
         self.num_kv_blocks = self.runner.num_kv_blocks
-        self.prefers_contiguous_kv = self.runner.device.type == "cpu"
+        self.prefers_contiguous_kv = self.runner.decode_path == "views"
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)

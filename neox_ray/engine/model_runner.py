@@ -15,11 +15,14 @@ import logging
 import torch
 
 from neox_ray.config import ModelConfig
+from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
 from neox_ray.layers.attention import AttentionMetadata, resolve_backend
+from neox_ray.layers.cpu_gemm import packing_supported
+from neox_ray.kernels import cpu_paged_attention
 from neox_ray.loader import load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,13 @@ class ModelRunner:
         self.attention_backend = resolve_backend(config.attention_backend, self.device, config.block_size)
         self.model = load_model(config.model, self.model_config, self.dtype, self.device,
                                 self.attention_backend, config.allow_pickle)
+        self.decode_path = "grouped"  # GPU without flash-attn (flash-attn ignores it)
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
+            if packing_supported(self.dtype):
+                self.model.pack_weights_for_cpu()
+            use_kernel = self.attention_backend == "sdpa" and cpu_paged_attention.available(self.dtype)
+            self.decode_path = "kernel" if use_kernel else "views"
         self.sampler = Sampler(config.seed)
         self.num_kv_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
@@ -124,7 +134,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=starts, context_lens=context_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=device)).to(device, block_size)
+            block_tables=torch.tensor(tables, dtype=torch.long, device=device)).to(device, block_size,
+                                                                                 self.decode_path)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=device),
                             torch.tensor(positions, dtype=torch.long, device=device), meta)
 

@@ -13,10 +13,15 @@ Backends:
 - ``eager``: plain matmul + softmax in float32, the reference the other two are tested against.
 
 Prefill sequences (query length > 1) are attended one by one. Decode sequences (query length 1) take one
-of two paths: ``views`` (CPU: each sequence reads its consecutive cache blocks in place, no gather; CPU
-attention is memory-bound, so copying the context first would cost more than the attention) or ``grouped``
-(GPU without flash-attn: sequences of similar length gathered into padded batches, one SDPA call each). What this module leaves to others: which tokens are in the batch (scheduler), which blocks
-a sequence owns (block manager), and building the metadata tensors (model runner).
+of three paths, chosen by the model runner:
+- ``kernel`` (CPU default): one call per layer to the C paged-attention kernel
+  (:mod:`neox_ray.kernels.cpu_paged_attention`), every sequence and head, reading the cache in place;
+- ``views`` (CPU without a C compiler): each sequence reads its consecutive cache blocks in place as
+  views, one SDPA call per sequence (CPU attention is memory-bound, so a gather would cost more);
+- ``grouped`` (GPU without flash-attn): sequences of similar length gathered into padded batches, one
+  SDPA call each.
+What this module leaves to others: which tokens are in the batch (scheduler), which blocks a sequence
+owns (block manager), and building the metadata tensors (model runner).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from neox_ray.kernels import cpu_paged_attention
 
 try:  # optional GPU extra; absent on CPU machines
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore[import-not-found]
@@ -70,6 +77,8 @@ class AttentionMetadata:
     decode_seqs: list[int] = field(init=False)
     decode_token_index: torch.Tensor | None = field(init=False, default=None)
     decode_context_lens: torch.Tensor | None = field(init=False, default=None)
+    decode_path: str = field(init=False, default="views")
+    decode_block_tables: torch.Tensor | None = field(init=False, default=None)  # kernel path: (decodes, blocks)
     decode_groups: list["DecodeGroup"] = field(init=False, default_factory=list)
     # CPU path: per decode sequence, its context as runs of consecutive cache slots (start, length).
     decode_runs: list[list[tuple[int, int]]] | None = field(init=False, default=None)
@@ -83,8 +92,9 @@ class AttentionMetadata:
     def to(self, device: torch.device, block_size: int | None = None,
            decode_path: str = "auto") -> "AttentionMetadata":
         """Builds the derived index tensors once per step, on the model's device (shared by all layers).
-        ``decode_path``: ``views`` (per sequence, reading consecutive blocks in place: best on CPU),
-        ``grouped`` (length-sorted groups gathered into padded batches: best on GPU), ``auto`` by device."""
+        ``decode_path``: ``kernel`` (the C paged kernel: best on CPU), ``views`` (per sequence, reading
+        consecutive blocks in place), ``grouped`` (length-sorted groups gathered into padded batches: best
+        on GPU without flash-attn); ``auto``: ``views`` on CPU, ``grouped`` elsewhere."""
         if self.decode_seqs:
             self.decode_token_index = torch.tensor([self.query_start_loc[i] for i in self.decode_seqs],
                                                    dtype=torch.long, device=device)
@@ -94,7 +104,13 @@ class AttentionMetadata:
                 raise ValueError("decode sequences need block tables and the cache's block_size")
             if decode_path == "auto":
                 decode_path = "views" if device.type == "cpu" else "grouped"
-            if decode_path == "views":
+            if decode_path not in ("kernel", "views", "grouped"):
+                raise ValueError(f"decode_path must be kernel, views, grouped or auto; got {decode_path!r}")
+            self.decode_path = decode_path
+            if decode_path == "kernel":
+                all_decode = len(self.decode_seqs) == len(self.context_lens)
+                self.decode_block_tables = self.block_tables if all_decode else self.block_tables[self.decode_seqs]
+            elif decode_path == "views":
                 tables = self.block_tables.tolist()  # one host copy per step, not one per sequence
                 self.decode_runs = [_slot_runs(tables[i], self.context_lens[i], block_size) for i in self.decode_seqs]
             else:
@@ -146,6 +162,11 @@ class Attention(nn.Module):
                 mask = _causal_mask_with_offset(end - start, context_len, query.device)
             output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              mask, causal=mask is None)[0]
+        if meta.decode_path == "kernel" and meta.decode_seqs:
+            key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+            output[meta.decode_token_index] = cpu_paged_attention.decode_attention(
+                query[meta.decode_token_index], key_cache, value_cache, meta.decode_block_tables,
+                meta.decode_context_lens, self.scale)
         if meta.decode_runs is not None:
             self._decode_from_views(query, meta, output)
         for group in meta.decode_groups:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_ray.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
-from neox_ray.layers.linear import sharded_parameter
+from neox_ray.layers.linear import PackableWeight, sharded_parameter
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -33,9 +33,11 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(embedded)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """``embed_out``: hidden states -> logits over the full vocabulary (gathered from every rank)."""
+class ParallelLMHead(VocabParallelEmbedding, PackableWeight):
+    """``embed_out``: hidden states -> logits over the full vocabulary (gathered from every rank).
+    Packable for CPU like the linear layers (pack it without releasing the weight when it is tied to the
+    input embedding, which still looks rows up in it)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (tokens, vocab)
-        local_logits = F.linear(hidden_states, self.weight)
+        local_logits = self._linear(hidden_states, None)
         return all_gather_last_dim(local_logits)[..., : self.vocab_size]

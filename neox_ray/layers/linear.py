@@ -3,6 +3,9 @@
 Each parameter carries ``shard_dim``: the checkpoint dimension this rank holds a contiguous slice of
 (``None`` means replicated). The loader (:mod:`neox_ray.loader`) reads exactly that slice from safetensors,
 so no rank ever materializes a full sharded weight. The collective each layer needs is in its ``forward``.
+
+On CPU the model runner may call :meth:`PackableWeight.pack_for_cpu`: the layer then multiplies with a
+oneDNN copy of its weight packed once (:mod:`neox_ray.layers.cpu_gemm`) and drops the plain one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_ray.distributed import all_reduce, tp_rank, tp_world_size
+from neox_ray.layers.activation import get_activation
+from neox_ray.layers.cpu_gemm import pack_weight, packed_linear
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -26,25 +31,49 @@ def sharded_parameter(shape: tuple[int, ...], shard_dim: int | None) -> nn.Param
     return param
 
 
-class ColumnParallelLinear(nn.Module):
-    """``y = x W^T + b`` with W's output rows split across ranks; each rank returns its slice of y.
+class PackableWeight(nn.Module):
+    """A layer whose ``weight`` (out_features, in_features) can be swapped for a packed CPU copy."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def pack_for_cpu(self, release_original: bool = True) -> None:
+        """Packs ``weight`` for oneDNN; with ``release_original`` the plain weight is replaced by an empty
+        placeholder (forward only reads the packed copy), so the model's memory does not double."""
+        self.packed_weight = pack_weight(self.weight)
+        if release_original:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias, activation)
+        out = F.linear(x, self.weight, bias)
+        return get_activation(activation)(out) if activation else out
+
+
+class ColumnParallelLinear(PackableWeight):
+    """``y = act(x W^T + b)`` with W's output rows split across ranks; each rank returns its slice of y.
 
     No collective: the row-parallel layer that follows consumes the sliced activations directly.
     GPT-NeoX's fused ``query_key_value`` rows are laid out (heads, 3, head_dim), so a contiguous row
-    split hands every rank whole heads with their q, k and v.
+    split hands every rank whole heads with their q, k and v. ``activation`` (a ``hidden_act`` name, the
+    MLP's up projection) is elementwise, so applying it to a slice is exact; packed, it is fused.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, what: str = "out_features"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, what: str = "out_features",
+                 activation: str | None = None):
         super().__init__()
         self.out_features_per_rank = divide(out_features, tp_world_size(), what)
         self.weight = sharded_parameter((self.out_features_per_rank, in_features), shard_dim=0)
         self.bias = sharded_parameter((self.out_features_per_rank,), shard_dim=0) if bias else None
+        if activation is not None:
+            get_activation(activation)  # unknown names fail at construction, not at the first forward
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias, self.activation)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableWeight):
     """``y = x W^T + b`` with W's input columns split across ranks; each rank's product is a partial sum.
 
     With ``reduce_results=True`` the partial sums are all-reduced here. With ``False`` the caller reduces
@@ -62,5 +91,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias_here = self.bias if tp_rank() == 0 else None
         if self.reduce_results:
-            return all_reduce(F.linear(x, self.weight)) + (self.bias if self.bias is not None else 0)
-        return F.linear(x, self.weight, bias_here)
+            return all_reduce(self._linear(x, None)) + (self.bias if self.bias is not None else 0)
+        return self._linear(x, bias_here)

@@ -15,10 +15,9 @@ from torch import nn
 
 from neox_ray.config import ModelConfig
 from neox_ray.distributed import all_reduce, tp_world_size
-from neox_ray.layers.activation import get_activation
 from neox_ray.layers.attention import Attention, AttentionMetadata
 from neox_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from neox_ray.layers.linear import ColumnParallelLinear, RowParallelLinear, divide, sharded_parameter
+from neox_ray.layers.linear import ColumnParallelLinear, PackableWeight, RowParallelLinear, divide, sharded_parameter
 from neox_ray.layers.rotary import RotaryEmbedding
 
 
@@ -59,14 +58,14 @@ class GPTNeoXAttention(nn.Module):
 class GPTNeoXMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        # The activation belongs to the up projection (fused into its GEMM when the weight is packed).
         self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, config.intermediate_size,
-                                                  what="intermediate_size")
+                                                  what="intermediate_size", activation=config.hidden_act)
         self.dense_4h_to_h = RowParallelLinear(config.intermediate_size, config.hidden_size,
                                                reduce_results=False, what="intermediate_size")
-        self.act = get_activation(config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(hidden_states)))
+        return self.dense_4h_to_h(self.dense_h_to_4h(hidden_states))
 
 
 class GPTNeoXLayer(nn.Module):
@@ -125,6 +124,14 @@ class GPTNeoXForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> hidden states (tokens, hidden)."""
         return self.gpt_neox(input_ids, positions, meta)
+
+    def pack_weights_for_cpu(self) -> None:
+        """Swaps every linear weight (and the LM head) for a oneDNN-packed copy; see layers/cpu_gemm.py.
+        A tied LM head keeps its plain weight: the input embedding still reads rows from it."""
+        for module in self.modules():
+            if isinstance(module, PackableWeight):
+                module.pack_for_cpu(release_original=not (module is self.embed_out
+                                                          and self.config.tie_word_embeddings))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab_size) in float32, gathered over tensor-parallel ranks."""

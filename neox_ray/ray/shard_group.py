@@ -58,7 +58,9 @@ class ShardWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, init_method: str, config: EngineConfig, max_model_len: int, model_config: ModelConfig) -> int:
+    def setup(self, init_method: str, config: EngineConfig, max_model_len: int,
+              model_config: ModelConfig) -> tuple[int, str]:
+        """Returns this rank's KV cache size in blocks and its decode attention path."""
         import torch
 
         from neox_ray.distributed import init_tensor_parallel
@@ -67,7 +69,7 @@ class ShardWorker:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         init_tensor_parallel(self.rank, self.world_size, init_method, backend)
         self.runner = ModelRunner(config, max_model_len, model_config)
-        return self.runner.num_kv_blocks
+        return self.runner.num_kv_blocks, self.runner.decode_path
 
     def execute(self, step: StepInput) -> StepOutput | None:
         output = self.runner.execute(step)
@@ -125,9 +127,9 @@ class RayShardGroupExecutor:
         # Worker processes import torch first: allow for slow starts on a busy node.
         host, port = self._gather([self.workers[0].address.remote()], timeout_s=WORKER_START_TIMEOUT_S)[0]
         refs = [w.setup.remote(f"tcp://{host}:{port}", config, max_model_len, model_config) for w in self.workers]
-        blocks = self._gather(refs, timeout_s=WORKER_START_TIMEOUT_S + 600.0)
-        self.num_kv_blocks = min(blocks)
-        self.prefers_contiguous_kv = not gpus
+        ranks = self._gather(refs, timeout_s=WORKER_START_TIMEOUT_S + 600.0)
+        self.num_kv_blocks = min(blocks for blocks, _ in ranks)
+        self.prefers_contiguous_kv = any(path == "views" for _, path in ranks)
 
     def _gather(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
         """Waits for every rank; a rank that dies fails the call at once (its peers would block forever

@@ -1,0 +1,148 @@
+"""Builds, loads and calls the CPU paged decode-attention kernel (``cpu_paged_attention.c``).
+
+Why a kernel: on CPU, decode attention is memory-bound, and torch offers no paged attention, so the
+alternatives are one SDPA call per sequence (dispatch overhead x sequences x layers, reading keys with a
+head stride) or gathering every context into a padded batch first (moving the whole cache twice). The
+kernel does every sequence and head of a layer in one call, reading each cached row once, in place.
+
+The C file is compiled at first use with the system's C compiler (``cc``/``gcc``; ``-O3 -march=native
+-fopenmp``) into ``$NEOX_RAY_KERNEL_CACHE`` (default ``~/.cache/neox-ray/kernels``), keyed by the source,
+the flags and the CPU's feature flags, written atomically so concurrent processes (Ray actors) share
+one build. It links the OpenMP runtime torch already loaded, so it runs on torch's threads. When no
+compiler is found or the build fails, :func:`available` is False and attention falls back to SDPA
+(same results, slower); ``NEOX_RAY_CPU_KERNELS=0`` forces that fallback.
+
+This module knows nothing of the model: :mod:`neox_ray.layers.attention` decides when to call it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=c11")
+_FUNCTIONS = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
+_INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = [_PTR, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, _INT64, _INT64, _INT64, _INT64, ctypes.c_float,
+             _PTR, _INT64, _INT64, ctypes.c_int]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NEOX_RAY_KERNEL_CACHE") or Path.home() / ".cache" / "neox-ray" / "kernels"
+    return Path(root)
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code must not run on a different CPU (a shared home directory on a mixed cluster)."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler,) + CFLAGS).encode() + _cpu_fingerprint().encode())
+    target = _cache_dir() / f"cpu_paged_attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent builder either sees nothing or the whole file
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("NEOX_RAY_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler found: CPU decode attention uses torch SDPA per sequence (slower)")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("CPU attention kernel unavailable, using torch SDPA per sequence (slower): %s", error)
+        return None
+    for name in _FUNCTIONS.values():
+        function = getattr(library, name)
+        function.argtypes, function.restype = _ARGTYPES, ctypes.c_int
+    return library
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether :func:`decode_attention` can run for a cache of ``dtype`` (builds the kernel if needed)."""
+    return dtype in _FUNCTIONS and _library() is not None
+
+
+def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """query: (S, heads, head_dim), one token per sequence; key/value_cache: (num_blocks, block_size,
+    heads, head_dim), contiguous; block_tables: (S, max_blocks) int64; context_lens: (S,) int64, each
+    covered by its table. Returns (S, heads, head_dim): softmax(q k^T * scale) v over each context."""
+    library = _library()
+    if library is None or query.dtype not in _FUNCTIONS:
+        raise RuntimeError(f"the CPU attention kernel is not available for {query.dtype}")
+    num_seqs, num_heads, head_dim = query.shape
+    num_blocks, block_size = key_cache.shape[:2]
+    if key_cache.shape != (num_blocks, block_size, num_heads, head_dim) or value_cache.shape != key_cache.shape:
+        raise ValueError(f"cache shape {tuple(key_cache.shape)} does not match the query's heads and head_dim")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the key and value caches must be contiguous")
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise ValueError("query and cache dtypes differ")
+    if query.stride(2) != 1 or query.stride(1) != head_dim:
+        query = query.contiguous()
+    block_tables = block_tables.to(torch.int64).contiguous()
+    context_lens = context_lens.to(torch.int64).contiguous()
+    if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
+        raise ValueError("block_tables and context_lens need one row per query")
+    if num_seqs and int(context_lens.max()) > block_tables.shape[1] * block_size:
+        raise ValueError("a context is longer than its block table covers")
+    if num_seqs and (int(block_tables.max()) >= num_blocks or int(block_tables.min()) < 0):
+        raise ValueError("a block table names a block outside the cache")
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype)
+    threads = torch.get_num_threads()
+    # Enough (sequence, head group) items to keep every thread busy when few sequences decode.
+    head_groups = min(num_heads, max(1, -(-4 * threads // max(num_seqs, 1))))
+    status = getattr(library, _FUNCTIONS[query.dtype])(
+        query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+        num_seqs, num_heads, head_dim, block_size, float(scale), out.data_ptr(), out.stride(0), head_groups,
+        threads)
+    if status != 0:
+        raise MemoryError("the CPU attention kernel could not allocate its scratch buffers")
+    return out
