@@ -166,3 +166,23 @@ def test_allocator_thresholds_apply_on_glibc() -> None:
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
     assert keep_freed_memory_for_reuse() is True
+
+
+def test_a_kernel_that_fails_to_build_means_fallback_not_failure(tmp_path: Path, monkeypatch, caplog) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_paged_attention, "SOURCE", broken)
+    monkeypatch.setenv("NEOX_RAY_KERNEL_CACHE", str(tmp_path / "cache"))
+    cpu_paged_attention._library.cache_clear()
+    try:
+        if cpu_paged_attention._compiler() is None:
+            pytest.skip("no C compiler here: the build is never attempted")
+        with caplog.at_level("WARNING"):
+            assert cpu_paged_attention.available(torch.float32) is False
+        assert "CPU attention kernel unavailable" in caplog.text and "failed to build" in caplog.text
+        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to be loaded later
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_paged_attention.decode_attention(*_random_paged_problem(2, 2, 16, 4, 8, torch.float32), 1.0)
+    finally:
+        monkeypatch.undo()
+        cpu_paged_attention._library.cache_clear()

@@ -9,11 +9,11 @@ A block is published to the cache only once its keys/values have actually been c
 never read a block another sequence has not filled yet. Blocks are reference counted; a freed block
 keeps its hash and content and stays reusable until it is evicted (least recently freed first).
 
-Contiguity: attention backends that read the cache through views (the CPU path) are far faster when a
-sequence's blocks are consecutive. So a new sequence takes a run of consecutive free blocks when one
-exists, and *softly* reserves the free blocks after it for the tokens it may still generate: its own
-growth takes the next block when free, other sequences avoid reserved blocks while anything else is free,
-but take them rather than fail. Reservations never reduce capacity.
+Contiguity (``prefer_contiguous``): the CPU fallback decode path (per-sequence SDPA over views, used when
+the C kernel cannot be built) is far faster when a sequence's blocks are consecutive. So a new sequence
+takes a run of consecutive free blocks when one exists, and *softly* reserves the free blocks after it for
+the tokens it may still generate: its own growth takes the next block when free, other sequences avoid
+reserved blocks while anything else is free, but take them rather than fail. Reservations never reduce capacity.
 """
 
 from __future__ import annotations
