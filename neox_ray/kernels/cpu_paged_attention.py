@@ -107,14 +107,15 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """query: (S, heads, head_dim), one token per sequence; key/value_cache: (num_blocks, block_size,
     heads, head_dim), contiguous; block_tables: (S, max_blocks) int64; context_lens: (S,) int64, each
     covered by its table. Returns (S, heads, head_dim): softmax(q k^T * scale) v over each context."""
     library = _library()
     if library is None or query.dtype not in _FUNCTIONS:
         raise RuntimeError(f"the CPU attention kernel is not available for {query.dtype}")
+    if any(t.device.type != "cpu" for t in (query, key_cache, value_cache, block_tables, context_lens)):
+        raise ValueError("the CPU attention kernel needs every tensor on the CPU")
     num_seqs, num_heads, head_dim = query.shape
     num_blocks, block_size = key_cache.shape[:2]
     if key_cache.shape != (num_blocks, block_size, num_heads, head_dim) or value_cache.shape != key_cache.shape:
@@ -133,8 +134,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         raise ValueError("a context is longer than its block table covers")
     if num_seqs and (int(block_tables.max()) >= num_blocks or int(block_tables.min()) < 0):
         raise ValueError("a block table names a block outside the cache")
-    if out is None:
-        out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype)
     threads = torch.get_num_threads()
     # Enough (sequence, head group) items to keep every thread busy when few sequences decode.
     head_groups = min(num_heads, max(1, -(-4 * threads // max(num_seqs, 1))))

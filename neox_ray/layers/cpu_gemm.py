@@ -1,12 +1,12 @@
 """CPU matmuls through oneDNN with weights packed once at load time (the CPU counterpart of cuBLAS).
 
-``F.linear`` on CPU goes to MKL's sgemm, which re-packs the whole weight matrix on every call and takes
-its AVX2 path on AMD processors. Decode steps multiply a few dozen rows by every weight of the model, so
-that re-packing is most of the work. oneDNN's ``_linear_pointwise`` with a weight reordered once into its
-blocked layout skips it, uses AVX-512 where the CPU has it, and applies GELU/ReLU/SiLU in the GEMM's
-epilogue instead of another pass over the activations. Measured on the 2-core EPYC CI-class VM, fp32,
-the twelve pythia-160m layers' linears from DRAM: 78 ms vs 135 ms at 96 rows, 12 ms vs 23 ms at one row;
-the 50k-row LM head: 37 ms vs 63 ms at 96 rows (``benchmarks/README.md``).
+``F.linear`` on CPU calls MKL's sgemm with a plain weight; oneDNN's ``_linear_pointwise`` takes a weight
+reordered once into its blocked layout and applies GELU/ReLU/SiLU in the GEMM's epilogue instead of another
+pass over the activations. Measured on the 2-core AMD EPYC CI-class VM, fp32: the twelve pythia-160m
+layers' linears with weights streamed from DRAM take 78 ms vs 135 ms at 96 rows and 12 ms vs 23 ms at one
+row; the 50k-row LM head 37 ms vs 63 ms at 96 rows; a 2048^3 matmul 221 vs 187 GFLOP/s
+(``benchmarks/README.md``). Likely reasons, not measured one by one: a GEMM handed an unpacked weight packs
+it on every call, and oneDNN uses this CPU's AVX-512.
 
 This module only packs and multiplies. The layers (:mod:`neox_ray.layers.linear`,
 :mod:`neox_ray.layers.embedding`) decide to use a packed weight when they have one; the model runner
