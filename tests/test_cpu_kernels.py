@@ -212,3 +212,20 @@ def test_bfloat16_engine_on_cpu_uses_the_fast_paths_and_stays_close_to_float32(t
         half_decode = [entry[t] for entry, t in zip(half.outputs[0].logprobs, chosen)]
         assert half.outputs[0].token_ids == chosen  # margins between top tokens here exceed bf16's error
         assert max(abs(a - b) for a, b in zip(full_decode, half_decode)) < 0.1
+
+
+@pytest.mark.parametrize("setting", [{"NEOX_RAY_CPU_KERNELS": "off"}, {"NEOX_RAY_CPU_KERNELS": "0"},
+                                     {"NEOX_RAY_KERNEL_CACHE": "/dev/null/not-a-directory"}])
+def test_kernel_switched_off_or_unwritable_cache_falls_back(setting: dict[str, str], monkeypatch,
+                                                            tmp_path: Path) -> None:
+    monkeypatch.setenv("NEOX_RAY_KERNEL_CACHE", str(tmp_path / "fresh"))  # never reuse an existing build
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    cpu_paged_attention._library.cache_clear()
+    try:
+        if "NEOX_RAY_KERNEL_CACHE" in setting and cpu_paged_attention._compiler() is None:
+            pytest.skip("no C compiler here: the cache directory is never touched")
+        assert cpu_paged_attention.available(torch.float32) is False
+    finally:
+        monkeypatch.undo()
+        cpu_paged_attention._library.cache_clear()

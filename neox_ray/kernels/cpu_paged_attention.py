@@ -10,7 +10,8 @@ The C file is compiled at first use with the system's C compiler (``cc``/``gcc``
 the flags and the CPU's feature flags, written atomically so concurrent processes (Ray actors) share
 one build. It links the OpenMP runtime torch already loaded, so it runs on torch's threads. When no
 compiler is found or the build fails, :func:`available` is False and attention falls back to SDPA
-(same results, slower); ``NEOX_RAY_CPU_KERNELS=0`` forces that fallback.
+(same results, slower); ``NEOX_RAY_CPU_KERNELS=0`` (or false/no/off) forces that fallback, and so
+does a cache directory that cannot be written (with a warning).
 
 This module knows nothing of the model: :mod:`neox_ray.layers.attention` decides when to call it.
 """
@@ -84,7 +85,7 @@ def _build(compiler: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("NEOX_RAY_CPU_KERNELS", "1") == "0":
+    if os.environ.get("NEOX_RAY_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     compiler = _compiler()
     if compiler is None:
