@@ -14,6 +14,14 @@ from checkpoints import VARIANTS, build_hf_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def variant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One checkpoint per config variant (read-only: tests that edit one copy it first)."""
+    root = tmp_path_factory.mktemp("variants")
+    return {name: build_hf_checkpoint(root / name, seed=i, **overrides)
+            for i, (name, overrides) in enumerate(VARIANTS.items())}
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Pythia-style tiny random checkpoint (safetensors + tokenizer.json), written by transformers."""
     return build_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "pythia", **VARIANTS["pythia"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints import VARIANTS, build_hf_checkpoint, load_hf_model
+from checkpoints import VARIANTS, load_hf_model
 from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
 from neox_ray.kernels import cpu_paged_attention
 from neox_ray.layers.cpu_gemm import FUSED_ACTIVATIONS, pack_weight, packed_linear, packing_supported
@@ -24,13 +24,6 @@ from test_model import LENGTHS, packed_logits, random_batch, reference_logits
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32), reason="torch was built without oneDNN")
 needs_kernel = pytest.mark.skipif(not cpu_paged_attention.available(torch.float32),
                                   reason="the CPU attention kernel did not build here (no C compiler)")
-
-
-@pytest.fixture(scope="module")
-def variant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cpu_variants")
-    return {name: build_hf_checkpoint(root / name, seed=i, **overrides)
-            for i, (name, overrides) in enumerate(VARIANTS.items())}
 
 
 # ---- packed linears --------------------------------------------------------------------------------------

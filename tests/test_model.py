@@ -37,13 +37,6 @@ def reference_logits(hf_model, sequences: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([hf_model(s.unsqueeze(0)).logits[0] for s in sequences])
 
 
-@pytest.fixture(scope="module")
-def variant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("variants")
-    return {name: build_hf_checkpoint(root / name, seed=i, **overrides)
-            for i, (name, overrides) in enumerate(VARIANTS.items())}
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_logits_match_transformers(variant_dirs, variant: str, backend: str) -> None:
