@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,12 +27,15 @@ from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
 from neox_ray.engine.scoring import validate_window
 from neox_ray.engine.sequence import Sequence, SequenceStatus
-from neox_ray.engine.step import SamplingRow, SequenceStep, StepInput, StepOutput
+from neox_ray.engine.step import SAMPLING_KNOBS, SamplingRow, SequenceStep, StepInput, StepOutput
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[EngineConfig, ModelConfig, int], Executor]
+
+# The sampler's knobs, read off a request's SamplingParams by name (no per-step validation).
+_read_knobs = operator.attrgetter(*SAMPLING_KNOBS)
 
 
 @dataclass
@@ -227,11 +231,8 @@ class LLMEngine:
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.scheduler.eos_token_ids))
-        row = SamplingRow(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                          min_p=params.min_p, repetition_penalty=params.repetition_penalty,
-                          presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                          seed=seq.seed, output_position=seq.num_output_tokens, num_logprobs=params.logprobs,
-                          banned_token_ids=banned)
+        row = SamplingRow(**dict(zip(SAMPLING_KNOBS, _read_knobs(params))), seed=seq.seed,
+                          output_position=seq.num_output_tokens, banned_token_ids=banned)
         if row.needs_history:  # token history only travels when a penalty needs it
             row.output_token_ids = seq.output_token_ids
             if params.repetition_penalty != 1.0:
