@@ -19,7 +19,6 @@ Reading belongs to :mod:`neox_ray.batch.source`, writing to :mod:`neox_ray.batch
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -36,9 +35,11 @@ from neox_ray.engine.scoring import make_score_task
 
 logger = logging.getLogger(__name__)
 
-# Per-row overrides a generation input may carry (null = the job's default).
-OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-_INTEGER_OVERRIDES = ("max_tokens", "top_k", "seed")
+# Per-row overrides a generation input may carry (null = the job's default): the SamplingParams fields
+# tagged as row overrides, under their own names.
+OVERRIDE_COLUMNS = SamplingParams.row_override_fields()
+_INTEGER_OVERRIDES = frozenset(spec.name for spec in SamplingParams.specs("row")
+                               if spec.value_type is int and not spec.is_list)
 
 GENERATION_COLUMNS = ("generated_text", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "error",
                       "sample_index")
@@ -55,7 +56,7 @@ ENGINE_START = "__neox_engine_start"   # wall-clock span of the engine call (dry
 ENGINE_END = "__neox_engine_end"
 INTERNAL_COLUMNS = (TOKEN_IDS, SAMPLING, TEXTS, NUM_GENERATED, FINISH_REASONS, ENGINE_START, ENGINE_END)
 
-_SEED_BITS = 40  # the sampler multiplies seeds by ~1e6 and torch seeds are 64-bit: stay well inside
+_SEED_BITS = 40  # any seed < 2**64 works; 40 bits stay exact in float64 columns and readable in outputs
 
 
 def row_seed(job_seed: int, row_id: Any) -> int:
@@ -91,6 +92,8 @@ def _row_overrides(batch: pa.Table, row: int, columns: list[str]) -> dict[str, A
             value = None  # pandas-written files store a missing number as NaN
         if name in _INTEGER_OVERRIDES and isinstance(value, float) and value.is_integer():
             value = int(value)  # an integer column with nulls, written by pandas as float64
+        # Anything else of the wrong type (a string temperature, a float top_k) is left for SamplingParams
+        # to reject: strictly, naming the field, as this row's error.
         if value is not None:
             overrides[name] = value
     return overrides
@@ -117,7 +120,7 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
             except (TypeError, ValueError) as exc:
                 error = f"invalid per-row override: {exc}"
         errors.append(error)
-        params_json.append(json.dumps(dataclasses.asdict(params)) if params is not None else None)
+        params_json.append(params.model_dump_json() if params is not None else None)
 
     to_encode = [i for i, e in enumerate(errors) if e is None]
     encoded = tokenizer.encode_batch([prompts[i] for i in to_encode]) if to_encode else []

@@ -7,19 +7,20 @@ fine float), unknown keys rejected, and construction errors raised as :class:`Se
 is the one formatter; the HTTP layer uses it too, so a 400 reads the same and never echoes a whole input.
 
 :func:`field_specs` lists a model's fields (type, default, description, tags); a field's tags say which
-surfaces carry it (a CLI flag, a per-row batch column, an HTTP request field). The surfaces themselves
-(argparse, Arrow columns, FastAPI) are built by their own modules; this one knows nothing of them.
+surfaces carry it (a CLI flag, a per-row batch column). :meth:`FieldSpec.argparse_options` turns a field
+into a command-line flag's options; which flags a command has, and the commands, are the CLI modules' own.
 """
 
 from __future__ import annotations
 
+import argparse
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import ErrorDetails, PydanticUndefined
+from pydantic_core import PydanticUndefined
 
 _INPUT_REPR_CHARS = 40  # longer inputs are cut: an error message must not echo a whole request back
 
@@ -51,7 +52,7 @@ def short_repr(value: Any) -> str:
     return text if len(text) <= _INPUT_REPR_CHARS else text[:_INPUT_REPR_CHARS - 3] + "..."
 
 
-def error_location(error: ErrorDetails) -> tuple[str | None, str]:
+def error_location(error: Mapping[str, Any]) -> tuple[str | None, str]:
     """(the top-level field, the path as written: ``stop[2]``). Union branch tags are left out."""
     loc = error.get("loc", ())
     if not loc:
@@ -59,7 +60,7 @@ def error_location(error: ErrorDetails) -> tuple[str | None, str]:
     return str(loc[0]), str(loc[0]) + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
 
 
-def describe_error(error: ErrorDetails) -> str:
+def describe_error(error: Mapping[str, Any]) -> str:
     """One pydantic error as ``"<field> must be <requirement>, got <short input>"``."""
     field, path = error_location(error)
     kind = error["type"]
@@ -121,6 +122,24 @@ class FieldSpec:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    def argparse_options(self, shown_default: Any = None, note: str = "") -> dict[str, Any]:
+        """``add_argument`` options for this field's flag: its type and choices, a list as one or more values
+        (repeatable), a boolean as ``--x/--no-x``. The parsed default is None, meaning "not given"."""
+        help_text = self.description + (f"; {note}" if note else "")
+        if shown_default is not None and shown_default != []:
+            shown = str(shown_default).lower() if isinstance(shown_default, bool) else shown_default
+            help_text += f" (default {shown})"
+        options: dict[str, Any] = {"dest": self.name, "default": None, "help": help_text}
+        if self.value_type is bool and not self.is_list:
+            options["action"] = argparse.BooleanOptionalAction
+            return options
+        options["type"] = self.value_type
+        if self.choices is not None:
+            options["choices"] = self.choices
+        if self.is_list:
+            options.update(nargs="+", action="extend")
+        return options
 
 
 def field_specs(model: type[BaseModel], tag: str | None = None) -> list[FieldSpec]:

@@ -25,19 +25,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from neox_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput
 from neox_ray.engine.sampling_params import SamplingParams
+from neox_ray.engine.schema import SettingsError
 from neox_ray.engine.scoring import ScoreTask, make_score_task
 from neox_ray.serve.auth import APIKeyChecker
 from neox_ray.serve.errors import (APIError, bad_request, engine_dead, install_error_handlers, param_from_message,
                                    queue_full, request_timeout)
 from neox_ray.serve.metrics import ServerMetrics
 from neox_ray.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                     ModelCard, ModelList, PromptField, ScoreRequest, ScoreResponse, ScoreResult,
-                                     Usage, clamp_logprob, dump, finite_or_none, new_completion_id, now_s)
+                                     ModelCard, ModelList, PromptField, SAMPLING_REQUEST_FIELDS, ScoreRequest,
+                                     ScoreResponse, ScoreResult, Usage, clamp_logprob, dump, finite_or_none,
+                                     new_completion_id, now_s)
 
-# Request fields a SamplingParams error message may name (see ``param_from_message``).
-SAMPLING_FIELDS = {"n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p",
-                   "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids",
-                   "seed", "logprobs", "include_stop_str_in_output", "ignore_eos"}
+# Request fields copied into the engine's SamplingParams: derived from the schema, never listed here.
+# prompt_logprobs is not one: echo=true with logprobs sets it (the response has no other place for them).
+SAMPLING_FIELDS = frozenset(SAMPLING_REQUEST_FIELDS) - {"prompt_logprobs"}
 
 
 @dataclass
@@ -316,17 +317,15 @@ class OpenAIServer:
             raise bad_request("suffix is not supported", "suffix")
         if body.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
-        echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        if body.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not a request field; use echo=true with logprobs", "prompt_logprobs")
+        values = {name: getattr(body, name) for name in SAMPLING_FIELDS}
+        values["max_tokens"] = body.max_tokens or 1
+        values["prompt_logprobs"] = body.logprobs if body.echo and body.logprobs is not None else None
         try:
-            return SamplingParams(
-                n=body.n, max_tokens=1 if body.max_tokens == 0 else body.max_tokens, min_tokens=body.min_tokens,
-                temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, stop=body.stop or [],
-                stop_token_ids=body.stop_token_ids or [], include_stop_str_in_output=body.include_stop_str_in_output,
-                ignore_eos=body.ignore_eos, seed=body.seed, logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
-        except ValueError as exc:
-            raise bad_request(str(exc), param_from_message(str(exc), SAMPLING_FIELDS, None)) from None
+            return SamplingParams(**values)
+        except SettingsError as exc:
+            raise bad_request(str(exc), exc.field) from None
 
     async def completions(self, body: CompletionRequest, arrival: float) -> Response:
         self.check_model(body.model)
