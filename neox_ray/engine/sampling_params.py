@@ -20,11 +20,11 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
-from neox_ray.engine.schema import FieldSpec, SettingsError, StrictSettings, field_specs, setting
+from neox_ray.engine.schema import FieldSpec, SettingsError, StrictModel, StrictSettings, field_specs, setting
 
 MAX_N = 128                       # samples per request
 MAX_TOKENS_LIMIT = 2**20          # the engine checks the real limit (max_model_len) per prompt
-MAX_TOP_K = 2**31 - 1             # anything >= the vocabulary means "off"; the sampler clamps
+MAX_TOP_K = 2**63 - 1             # anything >= the vocabulary means "off" (the sampler clamps); int64 max
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_LOGPROBS = 20
@@ -78,7 +78,7 @@ StopStrings = Annotated[list[str], BeforeValidator(_as_string_list), AfterValida
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]], BeforeValidator(_as_list)]
 
 
-class SamplingFields(StrictSettings):
+class SamplingFields(StrictModel):
     """The sampling fields and their rules, shared by :class:`SamplingParams` and the HTTP request."""
 
     n: int = setting(1, ge=1, le=MAX_N, tags=[FLAG], description="samples per prompt")
@@ -124,7 +124,7 @@ class SamplingFields(StrictSettings):
         return min_tokens
 
 
-class SamplingParams(SamplingFields):
+class SamplingParams(SamplingFields, StrictSettings):
     """Validated at construction; raises :class:`SettingsError` (a ``ValueError``) naming the field."""
 
     @classmethod

@@ -1,9 +1,9 @@
 """What the typed settings models (``SamplingParams``, ``EngineConfig``) share: strict pydantic models whose
 errors are one short line naming the field, and a field table that other surfaces are derived from.
 
-``StrictSettings`` is the base: strict types (a bool is not an int, ``"1"`` is not a number; an int is a
-fine float), unknown keys rejected, and construction errors raised as :class:`SettingsError` (a
-``ValueError``) with a message such as ``"temperature must be >= 0.0, got -1"``. :func:`describe_error`
+``StrictModel`` is the base: strict types (a bool is not an int, ``"1"`` is not a number; an int is a
+fine float) and unknown keys rejected; ``StrictSettings`` adds construction errors raised as
+:class:`SettingsError` (a ``ValueError``) with a message such as ``"temperature must be >= 0.0, got -1"``. :func:`describe_error`
 is the one formatter; the HTTP layer uses it too, so a 400 reads the same and never echoes a whole input.
 
 :func:`field_specs` lists a model's fields (type, default, description, tags); a field's tags say which
@@ -52,12 +52,26 @@ def short_repr(value: Any) -> str:
     return text if len(text) <= _INPUT_REPR_CHARS else text[:_INPUT_REPR_CHARS - 3] + "..."
 
 
+def _is_union_branch(part: Any) -> bool:
+    """pydantic names the branch of a union it tried (``str``, ``list[int]``) in an error's location."""
+    return isinstance(part, str) and (not part.isidentifier() or part in _TYPE_NAMES)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "bytes", "none"})
+
+
 def error_location(error: Mapping[str, Any]) -> tuple[str | None, str]:
-    """(the top-level field, the path as written: ``stop[2]``). Union branch tags are left out."""
+    """(the top-level field, the path as written: ``stop[2]``, ``stream_options.include_usage``)."""
     loc = error.get("loc", ())
     if not loc:
         return None, ""
-    return str(loc[0]), str(loc[0]) + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
+    path = str(loc[0])
+    for part in loc[1:]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _is_union_branch(part):
+            path += f".{part}"
+    return str(loc[0]), path
 
 
 def describe_error(error: Mapping[str, Any]) -> str:
@@ -76,7 +90,7 @@ def describe_error(error: Mapping[str, Any]) -> str:
         return f"{path}: unknown option"
     requirement = _REQUIREMENTS.get(kind)
     loc = error.get("loc", ())
-    if requirement is None or any(isinstance(part, str) for part in loc[1:]):  # unknown kind or a union branch
+    if requirement is None or any(_is_union_branch(part) for part in loc[1:]):  # "must be a string" misleads there
         return f"invalid value for {path}: {error['msg'][:1].lower()}{error['msg'][1:]}"
     got = ctx["actual_length"] if kind in ("too_long", "too_short") and "actual_length" in ctx \
         else short_repr(error.get("input"))
@@ -89,9 +103,17 @@ def settings_error(exc: ValidationError) -> SettingsError:
     return SettingsError("; ".join(describe_error(e) for e in errors), field)
 
 
-class StrictSettings(BaseModel):
-    """Base of the settings models: strict, closed, and raising :class:`SettingsError` when constructed."""
-    model_config = ConfigDict(strict=True, extra="forbid", validate_default=False)
+class StrictModel(BaseModel):
+    """Strict and closed: a bool is not an int, ``"1"`` is not a number (an int is a float), unknown keys fail."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StrictSettings(StrictModel):
+    """A :class:`StrictModel` whose construction raises :class:`SettingsError` (one line naming the field).
+
+    Only for models built directly (``SamplingParams(...)``); a model validated as part of another one (an
+    HTTP request) derives from :class:`StrictModel`, so its errors keep their location for the caller.
+    """
 
     def __init__(self, **data: Any) -> None:
         try:

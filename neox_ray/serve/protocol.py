@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from neox_ray.engine.sampling_params import MAX_TOKENS_LIMIT, SamplingFields
+from neox_ray.engine.schema import StrictModel
 
 # A prompt as OpenAI's legacy completions API accepts it: text, texts, token ids or lists of token ids.
 PromptField = str | list[str] | list[int] | list[list[int]]
@@ -26,8 +27,7 @@ PromptField = str | list[str] | list[int] | list[list[int]]
 MIN_LOGPROB = -9999.0
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
