@@ -109,6 +109,7 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
     ids = batch.column("id").to_pylist()
     errors: list[str | None] = []
     params_json: list[str | None] = []
+    max_tokens_of: list[int] = []
     for row, prompt in enumerate(prompts):
         error = _text_error(prompt, "prompt")
         params = None
@@ -121,13 +122,14 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
                 error = f"invalid per-row override: {exc}"
         errors.append(error)
         params_json.append(params.model_dump_json() if params is not None else None)
+        max_tokens_of.append(params.max_tokens if params is not None else 0)
 
     to_encode = [i for i, e in enumerate(errors) if e is None]
     encoded = tokenizer.encode_batch([prompts[i] for i in to_encode]) if to_encode else []
     token_ids: list[list[int] | None] = [None] * len(prompts)
     for row, row_ids in zip(to_encode, encoded):
         token_ids[row] = row_ids
-        max_tokens = json.loads(params_json[row])["max_tokens"]
+        max_tokens = max_tokens_of[row]
         if not row_ids:
             errors[row] = "prompt is empty (no tokens)"
         elif len(row_ids) + max_tokens > max_model_len:  # the engine's own check, made before the GPU stage

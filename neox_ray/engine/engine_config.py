@@ -46,13 +46,13 @@ class EngineConfig(StrictSettings):
                                          description="seconds to wait for the shard group's placement group")
 
     @model_validator(mode="after")
-    def _one_kv_cache_size(self) -> "EngineConfig":
+    def _one_kv_cache_size(self) -> EngineConfig:
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
         return self
 
     @classmethod
-    def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
         """Raises TypeError naming unknown options, :class:`SettingsError` (ValueError) for bad values."""
         unknown = sorted(set(kwargs) - set(cls.model_fields))
         if unknown:

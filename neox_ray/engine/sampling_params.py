@@ -46,8 +46,8 @@ def _as_string_list(value: Any) -> Any:
         return [value]
     if isinstance(value, tuple):
         return list(value)
-    if not isinstance(value, list):
-        raise ValueError(f"stop must be a string or a list of strings, got {type(value).__name__}")
+    if not isinstance(value, list):  # a ValueError, so pydantic reports it against the field
+        raise ValueError(f"stop must be a string or a list of strings, got {type(value).__name__}")  # noqa: TRY004
     return value
 
 
@@ -137,7 +137,7 @@ class SamplingParams(SamplingFields, StrictSettings):
         """Fields a batch input column of the same name overrides per row."""
         return tuple(spec.name for spec in field_specs(cls, ROW))
 
-    def with_overrides(self, **overrides: Any) -> "SamplingParams":
+    def with_overrides(self, **overrides: Any) -> SamplingParams:
         """A validated copy with some fields replaced (``None`` values are ignored)."""
         unknown = sorted(set(overrides) - set(type(self).model_fields))
         if unknown:

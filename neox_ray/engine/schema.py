@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
@@ -125,8 +126,8 @@ class StrictSettings(StrictModel):
 def setting(default: Any = PydanticUndefined, *, description: str, tags: Iterable[str] = (), **constraints: Any) -> Any:
     """``pydantic.Field`` with a required description and the surfaces (tags) that carry the field."""
     tag_list = sorted(tags)
-    return Field(default, description=description, json_schema_extra={"tags": tag_list} if tag_list else None,
-                 **constraints)
+    extra: dict[str, Any] | None = {"tags": tag_list} if tag_list else None
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
 @dataclass(frozen=True)

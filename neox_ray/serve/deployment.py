@@ -61,7 +61,7 @@ class ServeArgs(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _valid_engine(self) -> "ServeArgs":
+    def _valid_engine(self) -> ServeArgs:
         self.engine_config()  # a bad value: ValueError naming it; an unknown option: TypeError naming it
         return self
 
