@@ -7,9 +7,10 @@ Pure Python. ``LLM(model, **kwargs)``, the Serve application's ``engine:`` mappi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import model_validator
+from pydantic import AfterValidator, model_validator
 
 from neox_ray.engine.schema import FieldSpec, StrictSettings, field_specs, setting
 
@@ -19,10 +20,20 @@ DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"
 AttentionBackend = Literal["auto", "sdpa", "flash_attn", "eager"]
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _known_device(device: str) -> str:
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
 class EngineConfig(StrictSettings):
     model: str = setting(min_length=1, description="checkpoint directory (HF format)")
     dtype: DType = setting("auto", tags=[FLAG], description="weights and activations dtype")
-    device: str = setting("auto", min_length=1, tags=[FLAG], description="auto, cpu, cuda or cuda:N")
+    device: Annotated[str, AfterValidator(_known_device)] = setting("auto", tags=[FLAG],
+                                                                    description="auto, cpu, cuda or cuda:N")
     attention_backend: AttentionBackend = setting("auto", tags=[FLAG], description="attention implementation")
     max_num_seqs: int = setting(128, ge=1, tags=[FLAG], description="most sequences in one engine step")
     max_num_batched_tokens: int = setting(2048, ge=1, description="most tokens in one engine step")
