@@ -2,8 +2,8 @@
 
 Flags override the config file key by key (``--num-replicas`` maps to ``replicas.num_replicas``, ...);
 validation happens once, on the merged result (:mod:`neox_ray.batch.config`). Engine and sampling flags are
-generated from the ``EngineConfig`` / ``SamplingParams`` fields tagged ``flag``: name, type, help and all. ``jobs/generate.py`` and
-``jobs/score.py`` call :func:`main` with the same options, for ``ray job submit``.
+generated from the ``EngineConfig`` / ``SamplingParams`` fields tagged ``flag`` (name, type, help and all).
+``jobs/generate.py`` and ``jobs/score.py`` call :func:`main` with the same options, for ``ray job submit``.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Reproducibility: a request with a seed draws its randomness from a generator seeded with a 63-bit hash of
 ``(seed, output position)`` and used by that row alone, so its tokens do not depend on the rest of the
 batch, its position in it, preemption, or the run; any seed in [0, 2**64) (and the per-sample seeds
-derived from it) works. A temperature below ``GREEDY_TEMPERATURE`` is greedy (dividing logits by it
-would overflow), and a ``top_k`` at or above the vocabulary size is no filter. Sampling is the exponential race
-``argmax(p / q), q ~ Exp(1)``, which draws exactly from ``p`` with one vector of noise per row.
+derived from it) works. Sampling is the exponential race ``argmax(p / q), q ~ Exp(1)``, which draws
+exactly from ``p`` with one vector of noise per row. A temperature below ``GREEDY_TEMPERATURE`` is greedy
+(dividing logits by it would overflow), and a ``top_k`` at or above the vocabulary size is no filter.
 
 Returned logprobs are those of the model's raw distribution (log-softmax of the logits before
 penalties, temperature and filters), as vLLM returns by default.

@@ -3,8 +3,9 @@ errors are one short line naming the field, and a field table that other surface
 
 ``StrictModel`` is the base: strict types (a bool is not an int, ``"1"`` is not a number; an int is a
 fine float) and unknown keys rejected; ``StrictSettings`` adds construction errors raised as
-:class:`SettingsError` (a ``ValueError``) with a message such as ``"temperature must be >= 0.0, got -1"``. :func:`describe_error`
-is the one formatter; the HTTP layer uses it too, so a 400 reads the same and never echoes a whole input.
+:class:`SettingsError` (a ``ValueError``) with a message such as ``"temperature must be >= 0.0, got -1"``.
+:func:`describe_error` is the one formatter; the HTTP layer uses it too, so a 400 reads the same and never
+echoes a whole input back.
 
 :func:`field_specs` lists a model's fields (type, default, description, tags); a field's tags say which
 surfaces carry it (a CLI flag, a per-row batch column). :meth:`FieldSpec.argparse_options` turns a field
