@@ -210,13 +210,14 @@ def _drop_duplicate_ids(output: OutputDir, files: list[str], rows: pa.Table,
     duplicated = first_file.filter(pc.greater(first_file["__file_count_distinct"], 1))
     if not duplicated.num_rows:
         return rows, 0
-    keep_in = dict(zip(duplicated[ID].to_pylist(), duplicated["__file_min"].to_pylist()))
+    keep_in = dict(zip(duplicated[ID].to_pylist(), duplicated["__file_min"].to_pylist(), strict=True))
     dup_ids = duplicated[ID]
     removed = 0
     for index, path in enumerate(files):
         table = pq.read_table(path, filesystem=output.filesystem)
         mine = pc.is_in(table[ID], value_set=dup_ids)
-        drop = [keep_in[v] != index if m else False for v, m in zip(table[ID].to_pylist(), mine.to_pylist())]
+        drop = [keep_in[v] != index if m else False
+                for v, m in zip(table[ID].to_pylist(), mine.to_pylist(), strict=True)]
         if not any(drop):
             continue
         kept = table.filter(pc.invert(pa.array(drop)))
@@ -227,7 +228,7 @@ def _drop_duplicate_ids(output: OutputDir, files: list[str], rows: pa.Table,
             removed += 1
     is_dup = pc.is_in(rows[ID], value_set=dup_ids).to_pylist()
     files_of = rows["__file"].to_pylist()
-    keep_mask = [not d or keep_in[v] == f for v, d, f in zip(rows[ID].to_pylist(), is_dup, files_of)]
+    keep_mask = [not d or keep_in[v] == f for v, d, f in zip(rows[ID].to_pylist(), is_dup, files_of, strict=True)]
     return rows.filter(pa.array(keep_mask)), removed
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -147,7 +148,7 @@ def _read_and_check_ids(plan: InputPlan) -> pa.ChunkedArray:
     duplicated = counts.filter(pc.greater(counts["id_count"], 1))
     if duplicated.num_rows:
         examples = ", ".join(f"{v!r} ({c} times)" for v, c in zip(duplicated["id"].to_pylist()[:3],
-                                                                  duplicated["id_count"].to_pylist()[:3]))
+                                                                  duplicated["id_count"].to_pylist()[:3], strict=True))
         raise InputError(f"id column {column!r} has {duplicated.num_rows} duplicated value(s), e.g. {examples}; "
                          "ids must be unique")
     return ids
