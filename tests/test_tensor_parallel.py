@@ -91,14 +91,12 @@ def test_each_rank_loads_only_its_slices(odd_vocab_checkpoint: Path) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_heads_not_divisible_is_a_clear_error(ray_session, odd_vocab_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
         LLM(str(odd_vocab_checkpoint), tensor_parallel_size=3, **TP_OPTIONS)
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_more_resources_than_the_cluster_has_fails_fast(ray_session, odd_vocab_checkpoint: Path) -> None:
     from neox_ray.ray.shard_group import ShardGroupError
 
