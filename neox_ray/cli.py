@@ -13,6 +13,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import traceback
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_debug_flag(parser: argparse.ArgumentParser, default: object = False) -> None:
-    if "--debug" not in parser._option_string_actions:
+    with contextlib.suppress(argparse.ArgumentError):  # the command may define its own --debug
         parser.add_argument("--debug", action="store_true", default=default,
                             help="on an error, show the Python traceback instead of a one-line message")
 
