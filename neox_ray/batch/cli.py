@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from neox_ray.engine.engine_config import flag_fields
@@ -120,21 +119,14 @@ def overrides_from_args(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_from_args(kind: str, args: argparse.Namespace) -> int:
-    from neox_ray.batch.config import JobConfigError, load_job_config
+    """Loads the config, runs the job, prints its summary. Errors propagate to :func:`neox_ray.cli.run_guarded`,
+    which prints them as one line and exits 2 for a user mistake."""
+    from neox_ray.batch.config import load_job_config
     from neox_ray.batch.progress import format_summary
-    from neox_ray.batch.runner import JobError, run_job
-    from neox_ray.batch.sink import OutputError
-    from neox_ray.batch.source import InputError
+    from neox_ray.batch.runner import run_job
 
-    try:
-        config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
-        summary = run_job(config)
-    except JobConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (JobError, InputError, OutputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
+    summary = run_job(config)
     if "dry_run_rows" in summary:
         print(json.dumps(summary, indent=2))
     else:
@@ -144,6 +136,10 @@ def run_from_args(kind: str, args: argparse.Namespace) -> int:
 
 def main(kind: str, argv: list[str] | None = None) -> int:
     """Entry point of ``jobs/<kind>.py``: the same options as ``neox-ray <kind>``."""
+    from neox_ray.cli import add_debug_flag, run_guarded
+
     parser = argparse.ArgumentParser(prog=f"jobs/{kind}.py")
     (build_generate_parser if kind == "generate" else build_score_parser)(parser)
-    return run_from_args(kind, parser.parse_args(argv))
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: run_from_args(kind, args), debug=args.debug)
