@@ -1,0 +1,156 @@
+"""Engine fault isolation: a failure that belongs to one request fails that request alone.
+
+A "poison" request (its prompt starts with token ``POISON``, which no other prompt holds) is made to fail
+either in the forward pass (the executor raises whenever a step feeds it) or in output processing (the
+engine's per-token step raises for it). Every other request finishes with exactly the tokens it gets
+without the poison one, the engine stays healthy and serves later requests; through the HTTP app the
+poison request is a 500 while the others get 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from neox_ray import LLM, SamplingParams
+from neox_ray.engine.async_engine import AsyncLLMEngine, RequestFailedError
+from neox_ray.engine.llm_engine import LLMEngine
+from neox_ray.engine.step import StepInput
+
+POISON = 7
+GOOD_PROMPTS = [[20 + i, 31, 45, 52 + i, 60] for i in range(5)]
+POISON_PROMPT = [POISON, 33, 40, 41]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def _poison_forward(engine: LLMEngine) -> None:
+    """Steps that feed the poison request fail (the whole forward pass, as a bad input would)."""
+    execute = engine.executor.execute
+
+    def faulty(step_input: StepInput):
+        if any(POISON in step.new_token_ids for step in step_input.sequences):
+            raise RuntimeError("poisoned forward pass")
+        return execute(step_input)
+
+    engine.executor.execute = faulty  # type: ignore[method-assign]
+
+
+def _poison_detokenizer(engine: LLMEngine) -> None:
+    """The poison request's per-token processing (detokenizing, stop checks) raises."""
+    on_new_token = engine._on_new_token
+
+    def faulty(state, sample, result) -> None:
+        if state.prompt_token_ids[0] == POISON:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "poisoned detokenizer")
+        on_new_token(state, sample, result)
+
+    engine._on_new_token = faulty  # type: ignore[method-assign]
+
+
+@pytest.fixture()
+def llm(tiny_checkpoint: Path) -> LLM:
+    return LLM(str(tiny_checkpoint), block_size=4)
+
+
+@pytest.fixture()
+def expected(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(GOOD_PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("poison", [_poison_forward, _poison_detokenizer], ids=["forward", "detokenizer"])
+def test_async_engine_fails_only_the_faulting_request(llm: LLM, expected: list[list[int]], poison) -> None:
+    poison(llm.engine)
+    engine = AsyncLLMEngine(llm.engine)
+    try:
+        async def run_all() -> list[list[int] | BaseException]:
+            async def one(prompt: list[int]) -> list[int]:
+                last = None
+                async for output in engine.stream(prompt, PARAMS):
+                    last = output
+                assert last is not None and last.finished
+                return last.outputs[0].token_ids
+
+            prompts = GOOD_PROMPTS[:2] + [POISON_PROMPT] + GOOD_PROMPTS[2:]
+            return await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+
+        results = asyncio.run(run_all())
+        failed = results.pop(2)
+        assert isinstance(failed, RequestFailedError), failed
+        assert "poisoned" in str(failed)
+        assert results == expected
+        engine.check_health()
+        # Alone, the poison request still fails (after the engine has shown it works without it) ...
+        with pytest.raises(RequestFailedError, match="poisoned"):
+            engine.submit_and_wait(POISON_PROMPT, PARAMS).result(timeout=60)
+        # ... and the engine goes on serving.
+        again = engine.submit_and_wait(GOOD_PROMPTS[0], PARAMS).result(timeout=60)
+        assert again.outputs[0].token_ids == expected[0]
+        engine.check_health()
+        stats = llm.engine.stats()
+        assert stats["failed_requests"] == 2 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+        assert engine.num_pending == 0
+    finally:
+        engine.shutdown()
+
+
+def test_offline_generate_and_score_name_the_failing_item(llm: LLM, expected: list[list[int]]) -> None:
+    _poison_forward(llm.engine)
+    with pytest.raises(RequestFailedError, match="prompt 1: .*poisoned"):
+        llm.generate([GOOD_PROMPTS[0], POISON_PROMPT, GOOD_PROMPTS[1]], PARAMS)
+    with pytest.raises(RequestFailedError, match="text 1: .*poisoned"):
+        llm.score([GOOD_PROMPTS[0], POISON_PROMPT])
+    assert not llm.engine.has_unfinished()
+    assert [o.outputs[0].token_ids for o in llm.generate(GOOD_PROMPTS, PARAMS)] == expected
+
+
+def test_every_request_failing_alone_still_kills_the_engine(llm: LLM) -> None:
+    """A broken device fails every request, alone too: that is the engine's failure, not theirs."""
+    from neox_ray.engine.async_engine import EngineDeadError
+
+    def broken(step_input: StepInput):
+        raise RuntimeError("device lost")
+
+    llm.engine.executor.execute = broken  # type: ignore[method-assign]
+    engine = AsyncLLMEngine(llm.engine)
+    try:
+        futures = [engine.submit_and_wait(p, PARAMS) for p in GOOD_PROMPTS[:3]]
+        errors = []
+        for future in futures:
+            with pytest.raises((EngineDeadError, RequestFailedError)) as info:
+                future.result(timeout=60)
+            errors.append(info.value)
+        # At most a lone first request can be blamed before the engine is shown to be broken.
+        assert sum(isinstance(e, EngineDeadError) for e in errors) >= len(futures) - 1
+        with pytest.raises(EngineDeadError, match="device lost"):
+            engine.check_health()
+    finally:
+        engine.shutdown()
+
+
+def test_http_app_returns_500_for_the_failing_request_only(llm: LLM, expected: list[list[int]]) -> None:
+    from fastapi.testclient import TestClient
+
+    from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
+
+    _poison_forward(llm.engine)
+    engine = AsyncLLMEngine(llm.engine, max_queued_requests=16)
+    try:
+        server = OpenAIServer(engine, ServerSettings(served_model_name="tiny", request_timeout_s=60))
+        with TestClient(create_app(server)) as client:
+            body = {"model": "tiny", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+            bad = client.post("/v1/completions", json={**body, "prompt": POISON_PROMPT})
+            assert bad.status_code == 500, bad.text
+            assert bad.json()["error"]["code"] == "request_failed"
+            streamed = client.post("/v1/completions", json={**body, "prompt": POISON_PROMPT, "stream": True})
+            assert streamed.status_code == 500, streamed.text
+            good = client.post("/v1/completions", json={**body, "prompt": GOOD_PROMPTS})
+            assert good.status_code == 200, good.text
+            assert len(good.json()["choices"]) == len(GOOD_PROMPTS)
+            score = client.post("/v1/score", json={"model": "tiny", "input": [GOOD_PROMPTS[0], POISON_PROMPT]})
+            assert score.status_code == 500 and "poisoned" in score.json()["error"]["message"]
+            assert client.get("/health").status_code == 200
+            assert engine.num_pending == 0
+    finally:
+        engine.shutdown()
