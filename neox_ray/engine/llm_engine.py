@@ -3,7 +3,10 @@
 ``LLMEngine`` owns the tokenizer, the scheduler and an executor. ``add_request`` validates and queues a
 request (``n`` samples become ``n`` sequences sharing the prompt's cached blocks); ``step`` schedules,
 runs one forward pass through the executor, applies sampled tokens, detokenizes incrementally, checks
-stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once.
+stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once. A failure
+that belongs to one request fails that request alone (``RequestOutput.error``; a failed forward pass is
+rerun request by request to find out whose it is); only what cannot be pinned on a request raises.
+``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back.
 
 Everything above it (``LLM`` for offline use, the Ray Data stage, the Serve deployment) drives this one
 class; none has a generation loop of its own.
@@ -248,7 +251,7 @@ class LLMEngine:
         """
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            self._convict_suspects()  # nothing left to tell a broken engine from a bad request
+            self._blame_suspects()  # nothing else will run to tell a broken engine from a bad request
             return self._take_failed()
         steps: list[SequenceStep] = []
         for item in scheduled:
@@ -316,7 +319,7 @@ class LLMEngine:
         except Exception as exc:
             first_error = exc
         else:
-            self._acquit_suspects()
+            self._blame_suspects()  # the engine works without them
             return step_output
         by_request: dict[str, list[SequenceStep]] = {}
         for step in steps:
@@ -334,15 +337,14 @@ class LLMEngine:
             merged.samples.update(alone.samples)
             merged.prompt_logprobs.update(alone.prompt_logprobs)
         if len(failures) < len(by_request):
-            self._acquit_suspects()
-            for state, exc in failures:
-                self._fail_request(state, exc)
+            self._blame_suspects()
+            for failed_state, failure in failures:
+                self._fail_request(failed_state, failure)
             return merged
         if len(by_request) > 1 or self._suspects:
             raise first_error
         # One request, failing alone: it or the engine. Hold its verdict until another forward pass runs.
-        state, exc = failures[0]
-        self._fail_request(state, exc, hold=True)
+        self._fail_request(*failures[0], hold=True)
         return merged
 
     def _fail_request(self, state: _RequestState, exc: BaseException, hold: bool = False) -> None:
@@ -365,11 +367,8 @@ class LLMEngine:
             self._failed.append(output)
             self.num_failed += 1
 
-    def _acquit_suspects(self) -> None:
-        """A forward pass worked without them: the suspects' own failures were theirs."""
-        self._convict_suspects()
-
-    def _convict_suspects(self) -> None:
+    def _blame_suspects(self) -> None:
+        """The held failures were the requests' own: release them as failed outputs."""
         self._failed.extend(self._suspects.values())
         self.num_failed += len(self._suspects)
         self._suspects.clear()

@@ -41,6 +41,11 @@ SAMPLING_FIELDS = {"n", "max_tokens", "min_tokens", "temperature", "top_k", "top
                    "seed", "logprobs", "include_stop_str_in_output", "ignore_eos"}
 
 
+# What the engine raises for one HTTP request's submission or stream; each maps onto an HTTP error.
+EngineError = DeadlineExceeded | EngineDeadError | QueueFullError | RequestFailedError
+ENGINE_ERRORS = (DeadlineExceeded, EngineDeadError, QueueFullError, RequestFailedError)
+
+
 @dataclass
 class ServerSettings:
     served_model_name: str
@@ -198,26 +203,24 @@ class OpenAIServer:
         timeout = self.settings.request_timeout_s
         return None if timeout is None else arrival + timeout
 
-    def engine_error(self, exc: BaseException) -> APIError | None:
-        """The HTTP error for an engine exception raised while a request runs (None: not the engine's)."""
+    def engine_error(self, exc: EngineError) -> APIError:
+        """The HTTP error for an engine exception raised by a submission or its stream."""
         if isinstance(exc, DeadlineExceeded):
             return request_timeout(self.settings.request_timeout_s or 0.0)
         if isinstance(exc, EngineDeadError):
             return engine_dead(str(exc))
         if isinstance(exc, QueueFullError):
             return queue_full(str(exc))
-        if isinstance(exc, RequestFailedError):
-            return APIError(500, f"the engine failed this request: {exc}", error_type="server_error",
-                            code="request_failed")
-        return None
+        return APIError(500, f"the engine failed this request: {exc}", error_type="server_error",
+                        code="request_failed")
 
     def submit(self, requests: list[EngineRequest], arrival: float, param: str) -> RequestStream:
         try:
             return self.engine.submit_many(requests, self.deadline(arrival))
         except ValueError as exc:
             raise bad_request(str(exc), param) from None
-        except (QueueFullError, EngineDeadError) as exc:
-            raise self.engine_error(exc) from None  # type: ignore[misc]
+        except ENGINE_ERRORS as exc:
+            raise self.engine_error(exc) from None
 
     async def collect(self, stream: RequestStream, observer: TokenLatencyObserver) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
@@ -227,11 +230,8 @@ class OpenAIServer:
                     observer.observe(index, output)
                     if output.finished:
                         finals[index] = output
-        except Exception as exc:
-            error = self.engine_error(exc)
-            if error is None:
-                raise
-            raise error from None
+        except ENGINE_ERRORS as exc:
+            raise self.engine_error(exc) from None
         return finals
 
     # ---- /v1/completions -----------------------------------------------------------------------------
@@ -306,11 +306,8 @@ class OpenAIServer:
             # The first update decides the status code: errors before it are proper HTTP errors.
             try:
                 first = [await stream.__anext__()]
-            except Exception as exc:
-                error = self.engine_error(exc)
-                if error is None:
-                    raise
-                raise error from None
+            except ENGINE_ERRORS as exc:
+                raise self.engine_error(exc) from None
         else:
             first = [(slot, _echo_only_output(p)) for slot, p in enumerate(prompts)]
         model = self.settings.served_model_name
@@ -340,11 +337,8 @@ class OpenAIServer:
                     yield event(dump(CompletionResponse(id=completion_id, created=created, model=model, choices=[],
                                                         usage=usage)))
                 self._finish_metrics(assembler, arrival)
-            except Exception as exc:  # the status line is already sent: report in-band, as OpenAI does
-                error = self.engine_error(exc)
-                if error is None:
-                    raise
-                yield event(error.body())
+            except ENGINE_ERRORS as exc:  # the status line is already sent: report in-band, as OpenAI does
+                yield event(self.engine_error(exc).body())
             finally:
                 stream.abort_unfinished()  # the client went away, or an error: free the engine slots
             yield "data: [DONE]\n\n"
@@ -370,12 +364,9 @@ class OpenAIServer:
             raise bad_request(f"{where}{exc.message}", "input", code) from None
         except ValueError as exc:
             raise bad_request(str(exc), "input") from None
-        except Exception as exc:
+        except ENGINE_ERRORS as exc:
             self.metrics.prompt_tokens.inc(prompt_tokens)  # it was accepted, then failed or timed out
-            error = self.engine_error(exc)
-            if error is None:
-                raise
-            raise error from None
+            raise self.engine_error(exc) from None
         self.metrics.prompt_tokens.inc(prompt_tokens)
         results = []
         for index, out in enumerate(scores):
