@@ -331,12 +331,23 @@ class AsyncLLMEngine:
                     self._sinks[command.request_id] = command.sink
                 except Exception as exc:  # validation raced with a config change, duplicate id, ...
                     self._release_pending()
-                    command.sink(None, exc)
+                    self._deliver(command.request_id, command.sink, None, exc)
             else:
                 _, request_id = command
                 if self.engine.abort(request_id):
                     self._release_pending()
                 self._sinks.pop(request_id, None)
+
+    def _deliver(self, request_id: str, sink: Sink, output: RequestOutput | None,
+                 error: BaseException | None) -> None:
+        """Calls a caller's sink; one that raises (its event loop closed: the caller is gone) loses its
+        request, never the loop."""
+        try:
+            sink(output, error)
+        except Exception:
+            logger.warning("the caller of request %s is gone; aborting it", request_id, exc_info=True)
+            if self._sinks.pop(request_id, None) is not None and self.engine.abort(request_id):
+                self._release_pending()
 
     def _release_pending(self) -> None:
         with self._pending_lock:
@@ -358,15 +369,16 @@ class AsyncLLMEngine:
                     if sink is None:
                         continue
                     if output.error is not None:  # this request failed; the engine goes on
-                        sink(None, RequestFailedError(output.request_id, output.error))
+                        self._deliver(output.request_id, sink, None,
+                                      RequestFailedError(output.request_id, output.error))
                     else:
-                        sink(output, None)
+                        self._deliver(output.request_id, sink, output, None)
         except BaseException as exc:  # the engine is unusable now: fail everyone waiting
             logger.exception("engine loop died")
             self.error = exc
             dead = EngineDeadError(f"engine loop died: {exc!r}")
-            for sink in self._sinks.values():
-                sink(None, dead)
+            for request_id, sink in list(self._sinks.items()):
+                self._deliver(request_id, sink, None, dead)
             self._sinks.clear()
             while True:  # fail requests submitted but never added
                 try:
@@ -374,4 +386,4 @@ class AsyncLLMEngine:
                 except queue.Empty:
                     break
                 if isinstance(command, _Add):
-                    command.sink(None, dead)
+                    self._deliver(command.request_id, command.sink, None, dead)

@@ -1,4 +1,5 @@
-"""Engine fault isolation: a failure that belongs to one request fails that request alone.
+"""AsyncLLMEngine without Ray: merged request streams (deadline, early stop), scoring through the loop, and
+fault isolation: a failure that belongs to one request fails that request alone.
 
 A "poison" request (its prompt starts with token ``POISON``, which no other prompt holds) is made to fail
 either in the forward pass (the executor raises whenever a step feeds it) or in output processing (the
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from neox_ray import LLM, SamplingParams
-from neox_ray.engine.async_engine import AsyncLLMEngine, RequestFailedError
+from neox_ray.engine.async_engine import (AsyncLLMEngine, DeadlineExceeded, EngineRequest, QueueFullError,
+                                          RequestFailedError)
+from neox_ray.engine.scoring import ScoreItemError
 from neox_ray.engine.llm_engine import LLMEngine
 from neox_ray.engine.step import StepInput
 
@@ -57,6 +60,59 @@ def llm(tiny_checkpoint: Path) -> LLM:
 @pytest.fixture()
 def expected(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(GOOD_PROMPTS, PARAMS)]
+
+
+def test_merged_stream_deadline_and_early_stop_abort_everything(llm: LLM, expected: list[list[int]]) -> None:
+    import time
+
+    engine = AsyncLLMEngine(llm.engine, max_queued_requests=4)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    try:
+        async def run() -> None:
+            finals = await engine.submit_many([EngineRequest(p, PARAMS) for p in GOOD_PROMPTS[:3]]).collect()
+            assert [finals[i].outputs[0].token_ids for i in range(3)] == expected[:3]
+            with pytest.raises(QueueFullError):  # all or nothing: 5 > 4, so none of them is queued
+                engine.submit_many([EngineRequest(p, PARAMS) for p in GOOD_PROMPTS])
+            assert engine.num_pending == 0
+            stream = engine.submit_many([EngineRequest(p, long) for p in GOOD_PROMPTS[:2]], time.monotonic() + 0.05)
+            with pytest.raises(DeadlineExceeded):
+                await stream.collect()
+            async with engine.submit_many([EngineRequest(p, long) for p in GOOD_PROMPTS[:2]]) as stream:
+                async for index, output in stream:
+                    if output.outputs[0].token_ids:
+                        break  # the consumer stops: leaving the block aborts both
+
+        aborted = llm.engine.num_aborted
+        asyncio.run(run())
+        for _ in range(100):
+            if engine.num_pending == 0:
+                break
+            time.sleep(0.05)
+        assert engine.num_pending == 0 and llm.engine.num_aborted == aborted + 4
+        assert llm.engine.stats()["generated_tokens"] < 3 * 10 + 4 * 200
+    finally:
+        engine.shutdown()
+
+
+def test_async_scoring_equals_offline_scoring(llm: LLM) -> None:
+    texts = [[5 + (i % 50) for i in range(n)] for n in (3, 40, 17)]
+    items = [(llm.tokenizer.decode(t), t) for t in texts]
+    expected = llm.score(texts, window=16, stride=6, return_token_logprobs=True)
+    engine = AsyncLLMEngine(llm.engine)
+    try:
+        scored = asyncio.run(engine.score(items, window=16, stride=6, keep_token_logprobs=True))
+        assert scored == expected
+        futures = engine.score_futures(items[:1] + [("", [])] + items[1:], window=16, stride=6)
+        assert futures[0].result(timeout=60).nll == expected[0].nll
+        with pytest.raises(ScoreItemError, match="text 1: text is empty") as info:
+            futures[1].result(timeout=60)
+        assert info.value.index == 1 and info.value.message.startswith("text is empty")
+        assert [f.result(timeout=60).nll for f in futures[2:]] == [e.nll for e in expected[1:]]
+        with pytest.raises(ScoreItemError, match="text 1: token id 99999"):
+            asyncio.run(engine.score([items[0], ("x", [99999])]))
+        assert engine.num_pending == 0
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("poison", [_poison_forward, _poison_detokenizer], ids=["forward", "detokenizer"])
