@@ -2,7 +2,8 @@
 
 A thin driver over :class:`LLMEngine`: it validates every input up front (so a bad item fails before any
 compute, naming its index), queues all requests, steps the engine until they finish and returns results
-in input order. Picking the executor is the only place ``tensor_parallel_size > 1`` brings in Ray.
+in input order (scoring's window fan-out is the engine's). A request the engine fails raises
+:class:`RequestFailedError` naming its index; the others are aborted. Picking the executor is the only place ``tensor_parallel_size > 1`` brings in Ray.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import AsyncIterator, Callable, Sequence
 from neox_ray.engine.llm_engine import LLMEngine, RequestFailedError
 from neox_ray.engine.outputs import RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import ScoreItemError, ScoreTask
+from neox_ray.engine.scoring import ScoreItemError, ScoreItems, ScoreTask
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class AsyncLLMEngine:
                 yield output
 
     # ---- scoring -------------------------------------------------------------------------------------
-    async def score(self, items: Sequence[tuple[str | None, list[int]]], window: int | None = None,
+    async def score(self, items: ScoreItems, window: int | None = None,
                     stride: int | None = None, keep_token_logprobs: bool = False,
                     deadline: float | None = None) -> list[ScoreOutput]:
         """:meth:`LLMEngine.score` for an event loop: raises ValueError for a bad window/stride and
@@ -260,7 +260,7 @@ class AsyncLLMEngine:
         results = plan.assemble([finals[k].prompt_logprobs for k in range(len(windows))], keep_token_logprobs)
         return [results[item] for item in range(plan.num_items)]
 
-    def score_futures(self, items: Sequence[tuple[str | None, list[int]]], window: int | None = None,
+    def score_futures(self, items: ScoreItems, window: int | None = None,
                       stride: int | None = None,
                       keep_token_logprobs: bool = False) -> list[concurrent.futures.Future]:
         """One future per text (for threaded callers), resolved with its :class:`ScoreOutput` or failed

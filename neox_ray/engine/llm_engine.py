@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence as SequenceOf
+from typing import Callable, Collection
 
 from neox_ray.config import ModelConfig
 from neox_ray.engine.block_manager import BlockManager
@@ -27,8 +27,8 @@ from neox_ray.engine.executor import Executor, UniprocExecutor
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
-from neox_ray.engine.scoring import ScorePlan, plan_scores, validate_window
-from neox_ray.engine.sequence import Sequence, SequenceStatus
+from neox_ray.engine.scoring import ScoreItems, ScorePlan, plan_scores, validate_window
+from neox_ray.engine.sequence import Sequence
 from neox_ray.engine.step import SamplingRow, SequenceStep, StepInput, StepOutput
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -139,14 +139,14 @@ class LLMEngine:
         validate_window(window, stride, self.max_model_len)
         return window, stride
 
-    def plan_scores(self, items: SequenceOf[tuple[str | None, list[int]]], window: int | None = None,
+    def plan_scores(self, items: ScoreItems, window: int | None = None,
                     stride: int | None = None) -> ScorePlan:
         """(text, token ids) -> the window requests that score them; a bad window/stride raises ValueError,
         a text that cannot be scored becomes a per-item error of the plan."""
         window, stride = self.score_window(window, stride)
         return plan_scores(items, self.eot_token_id, window, stride, lambda ids: self.validate_prompt(ids, 0))
 
-    def score(self, items: SequenceOf[tuple[str | None, list[int]]], window: int | None = None,
+    def score(self, items: ScoreItems, window: int | None = None,
               stride: int | None = None, keep_token_logprobs: bool = False,
               on_finished: Callable[[RequestOutput], None] | None = None) -> list[ScoreOutput]:
         """Scores every text synchronously (stepping this engine); raises :class:`ScoreItemError` for the

@@ -104,6 +104,10 @@ def make_score_task(text: str | None, token_ids: list[int], eot_token_id: int, w
     return ScoreTask(text or "", full, plan_windows(len(token_ids), window, stride))
 
 
+# The texts of one scoring call: (text, token ids); the text counts bytes and words, the ids are scored.
+ScoreItems = Sequence[tuple[str | None, list[int]]]
+
+
 class ScoreItemError(ValueError):
     """Item ``index`` of a scoring call cannot be scored; ``message`` says why (without the index)."""
 
@@ -149,7 +153,7 @@ class ScorePlan:
         return results
 
 
-def plan_scores(items: Sequence[tuple[str | None, list[int]]], eot_token_id: int, window: int, stride: int,
+def plan_scores(items: ScoreItems, eot_token_id: int, window: int, stride: int,
                 check_request: Callable[[list[int]], None]) -> ScorePlan:
     """``items`` are (text, token ids); ``check_request`` raises ValueError for a window the engine cannot
     run. A text that cannot be scored becomes an entry of ``errors`` instead of a task."""

@@ -308,6 +308,7 @@ class OpenAIServer:
                 first = [await stream.__anext__()]
             except ENGINE_ERRORS as exc:
                 raise self.engine_error(exc) from None
+            observer.observe(*first[0])
         else:
             first = [(slot, _echo_only_output(p)) for slot, p in enumerate(prompts)]
         model = self.settings.served_model_name
@@ -321,7 +322,6 @@ class OpenAIServer:
         async def events() -> AsyncIterator[str]:
             try:
                 for slot, output in first:
-                    observer.observe(slot, output)
                     choices = assembler.deltas(slot, output)
                     if choices:
                         yield chunk(choices)
