@@ -210,3 +210,38 @@ def test_http_app_returns_500_for_the_failing_request_only(llm: LLM, expected: l
             assert engine.num_pending == 0
     finally:
         engine.shutdown()
+
+
+def test_batch_stages_turn_a_failing_request_into_an_error_row(tiny_checkpoint: Path) -> None:
+    """The Ray Data engine stages, called in-process: the poison row gets ``error``, the others their results."""
+    import json
+
+    import pyarrow as pa
+
+    from neox_ray.batch.stages import SAMPLING, TEXTS, TOKEN_IDS, GenerateEngineStage, ScoreEngineStage
+
+    ids = pa.array([GOOD_PROMPTS[0], POISON_PROMPT, GOOD_PROMPTS[1]], pa.list_(pa.int32()))
+    scorer = ScoreEngineStage(str(tiny_checkpoint), {"block_size": 4}, "text", window=16, stride=8)
+    expected_scores = scorer.llm.score([GOOD_PROMPTS[0], GOOD_PROMPTS[1]], window=16, stride=8)
+    _poison_forward(scorer.llm.engine)
+    try:
+        scored = scorer(pa.table({"text": ["a", "b", "c"], "id": ["r0", "r1", "r2"], TOKEN_IDS: ids,
+                                  "error": pa.array([None, None, None], pa.string())}))
+    finally:
+        scorer.engine.shutdown()
+    errors = scored.column("error").to_pylist()
+    assert errors[0] is None and errors[2] is None and "poisoned" in errors[1], errors
+    assert scored.column("nll").to_pylist()[::2] == [s.nll for s in expected_scores]
+
+    generator = GenerateEngineStage(str(tiny_checkpoint), {"block_size": 4})
+    _poison_forward(generator.llm.engine)
+    params = json.dumps({"temperature": 0.0, "max_tokens": 10, "ignore_eos": True})
+    try:
+        generated = generator(pa.table({"prompt": ["a", "b", "c"], "id": ["r0", "r1", "r2"], TOKEN_IDS: ids,
+                                        SAMPLING: [params] * 3, "error": pa.array([None] * 3, pa.string())}))
+    finally:
+        generator.engine.shutdown()
+    errors = generated.column("error").to_pylist()
+    assert errors[0] is None and errors[2] is None and "poisoned" in errors[1], errors
+    texts = generated.column(TEXTS).to_pylist()
+    assert texts[1] is None and texts[0] and texts[2]
