@@ -310,10 +310,11 @@ class LLMEngine:
         return outputs + self._take_failed()
 
     def _execute(self, steps: list[SequenceStep]) -> StepOutput:
-        """One forward pass. If it fails, each request's sequences are rerun alone: requests that fail
-        alone fail; the others' results are kept. If every request of a batch of several fails alone,
-        or a lone request fails again while an earlier lone failure is still unexplained, the engine is
-        broken and the first error is raised."""
+        """One forward pass. If it fails, the step is split by request and rerun in halves (bisection:
+        a few extra passes find the faulty request among many); requests that fail alone fail, the
+        others' results are kept. If every request of a batch of several fails alone, or a lone request
+        fails again while an earlier lone failure is still unexplained, the engine is broken and the
+        first error is raised."""
         try:
             step_output = self.executor.execute(StepInput(steps))
         except Exception as exc:
@@ -324,28 +325,42 @@ class LLMEngine:
         by_request: dict[str, list[SequenceStep]] = {}
         for step in steps:
             by_request.setdefault(self._seq_to_request[step.seq_id][0].request_id, []).append(step)
-        logger.warning("a step of %d requests failed (%r); rerunning each request alone", len(by_request),
+        logger.warning("a step of %d requests failed (%r); rerunning it split by request", len(by_request),
                        first_error)
         merged = StepOutput()
         failures: list[tuple[_RequestState, Exception]] = []
-        for request_id, request_steps in by_request.items():
-            try:
-                alone = self.executor.execute(StepInput(request_steps))
-            except Exception as exc:
-                failures.append((self.requests[request_id], exc))
-                continue
-            merged.samples.update(alone.samples)
-            merged.prompt_logprobs.update(alone.prompt_logprobs)
-        if len(failures) < len(by_request):
+        groups = list(by_request.values())
+        if len(groups) == 1:
+            self._run_bisecting(groups, merged, failures)
+        else:
+            self._run_bisecting(groups[:len(groups) // 2], merged, failures)
+            self._run_bisecting(groups[len(groups) // 2:], merged, failures)
+        if len(failures) < len(groups):
             self._blame_suspects()
             for failed_state, failure in failures:
                 self._fail_request(failed_state, failure)
             return merged
-        if len(by_request) > 1 or self._suspects:
+        if len(groups) > 1 or self._suspects:
             raise first_error
         # One request, failing alone: it or the engine. Hold its verdict until another forward pass runs.
         self._fail_request(*failures[0], hold=True)
         return merged
+
+    def _run_bisecting(self, groups: list[list[SequenceStep]], merged: StepOutput,
+                       failures: list[tuple[_RequestState, Exception]]) -> None:
+        """Runs the groups (one per request) together; on failure, each half on its own, down to single
+        requests, whose failures are collected."""
+        try:
+            output = self.executor.execute(StepInput([step for group in groups for step in group]))
+        except Exception as exc:
+            if len(groups) == 1:
+                failures.append((self._seq_to_request[groups[0][0].seq_id][0], exc))
+                return
+            self._run_bisecting(groups[:len(groups) // 2], merged, failures)
+            self._run_bisecting(groups[len(groups) // 2:], merged, failures)
+            return
+        merged.samples.update(output.samples)
+        merged.prompt_logprobs.update(output.prompt_logprobs)
 
     def _fail_request(self, state: _RequestState, exc: BaseException, hold: bool = False) -> None:
         """Ends a request that failed on its own: frees its blocks and queues its error output (or, with
