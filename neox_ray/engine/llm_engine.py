@@ -29,7 +29,7 @@ from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
 from neox_ray.engine.scoring import ScoreItems, ScorePlan, plan_scores, validate_window
 from neox_ray.engine.sequence import Sequence
-from neox_ray.engine.step import SamplingRow, SequenceStep, StepInput, StepOutput
+from neox_ray.engine.step import SampleResult, SamplingRow, SequenceStep, StepInput, StepOutput
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -427,21 +427,23 @@ class LLMEngine:
     def _record_prompt_logprobs(self, item: ScheduledSequence, step_output: StepOutput) -> None:
         result = step_output.prompt_logprobs.get(item.seq.seq_id)
         entry = self._seq_to_request.get(item.seq.seq_id)
-        if result is None or entry is None:
-            return
-        state, _ = entry
         seq = item.seq
+        if result is None or entry is None or seq.logprob_start is None or entry[0].prompt_logprobs is None:
+            return
+        recorded = entry[0].prompt_logprobs
         first_position = max(seq.num_computed_tokens, seq.logprob_start - 1) + 1  # position of first target
         for k, logprob in enumerate(result.logprobs):
             position = first_position + k
             entry_dict = {seq.token_ids[position]: logprob}
             if result.top_logprobs is not None:
                 entry_dict.update((t, lp) for t, lp in result.top_logprobs[k] if t not in entry_dict)
-            state.prompt_logprobs[position] = entry_dict
+            recorded[position] = entry_dict
 
-    def _on_new_token(self, state: _RequestState, sample: _SampleState, result) -> None:
+    def _on_new_token(self, state: _RequestState, sample: _SampleState, result: SampleResult) -> None:
         seq = sample.seq
         token = seq.token_ids[-1]
+        detokenizer = sample.detokenizer
+        assert detokenizer is not None  # only prefill-only sequences have none, and they get no tokens
         if sample.logprobs is not None and result.logprob is not None:
             entry = {token: result.logprob}
             entry.update((t, lp) for t, lp in (result.top_logprobs or []) if t not in entry)
@@ -451,9 +453,9 @@ class LLMEngine:
         if ended_by_token:
             sample.stop_reason = token if token in state.params.stop_token_ids else None
         if not ended_by_token or state.params.include_stop_str_in_output:
-            sample.text += sample.detokenizer.add_token(token)
+            sample.text += detokenizer.add_token(token)
         if seq.is_finished:
-            sample.text += sample.detokenizer.flush()
+            sample.text += detokenizer.flush()
         stops = state.params.stop
         if stops and not ended_by_token:
             self._check_stop_strings(state, sample)
