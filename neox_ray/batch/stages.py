@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import make_score_task
+from neox_ray.engine.scoring import ScoreItemError
 
 logger = logging.getLogger(__name__)
 
@@ -230,32 +230,20 @@ class ScoreEngineStage(_EngineActor):
         super().__init__(model, engine_kwargs)
         self.text_column = text_column
         self.window, self.stride = self.llm.engine.score_window(window, stride)
-        self.eot = self.llm.engine.eot_token_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.time()
         errors: list[str | None] = batch.column("error").to_pylist()
         token_ids = batch.column(TOKEN_IDS).to_pylist()
         texts = batch.column(self.text_column).to_pylist()
-        window_params = SamplingParams(max_tokens=1)
-        tasks, futures = {}, {}
-        for row, error in enumerate(errors):
-            if error is not None:
-                continue
-            try:
-                task = make_score_task(texts[row], token_ids[row], self.eot, self.window, self.stride)
-                futures[row] = [self.engine.submit_and_wait(ids, window_params, prefill_only=True,
-                                                            logprob_start=start)
-                                for ids, start in task.requests()]
-                tasks[row] = task
-            except Exception as exc:
-                self._exit_if_dead(exc)
-                errors[row] = str(exc)
+        rows = [row for row, error in enumerate(errors) if error is None]
+        futures = self.engine.score_futures([(texts[row], token_ids[row]) for row in rows], self.window, self.stride)
         scores = {}
-        for row, window_futures in futures.items():
+        for row, future in zip(rows, futures):
             try:
-                outputs = [f.result() for f in window_futures]
-                scores[row] = tasks[row].finish([o.prompt_logprobs for o in outputs], keep_token_logprobs=False)
+                scores[row] = future.result()
+            except ScoreItemError as exc:
+                errors[row] = exc.message
             except Exception as exc:
                 self._exit_if_dead(exc)
                 errors[row] = f"engine error: {exc}"
