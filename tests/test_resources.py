@@ -106,3 +106,38 @@ def test_max_model_len_agrees_across_llm_batch_and_server(tmp_path: Path) -> Non
         finally:
             async_engine.shutdown()
         assert preflight(job).max_model_len == llm.engine.max_model_len == served == expected
+
+
+def test_batch_check_fails_on_our_ray_and_waits_on_a_cluster_that_may_grow(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from neox_ray.batch import runner
+    from neox_ray.batch.config import validate_job_config
+
+    monkeypatch.setattr(runner.ClusterResources, "current", classmethod(lambda cls: NO_GPU))
+    job = validate_job_config("generate", {
+        "model": str(tiny_checkpoint), "input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"),
+        "engine": {"device": "cpu"}, "replicas": {"num_replicas": 3, "num_cpus": 1.0}, "progress_interval_s": 0.1})
+    with pytest.raises(runner.JobError, match=r"^3 engine replicas x 1 CPU .* need 3.25 CPUs; the Ray cluster has 2$"):
+        runner.check_resources(job, runner.resource_plan(job, started_ray=True), started_ray=True, log=print)
+    lines: list[str] = []
+    notice = runner.check_resources(job, runner.resource_plan(job, started_ray=False), started_ray=False,
+                                    log=lines.append)
+    assert notice is not None
+    try:
+        time.sleep(0.35)
+    finally:
+        notice.stop()
+    assert len(lines) >= 2 and all(line.startswith("waiting for resources: 3 engine replicas x 1 CPU") for line in lines)
+    one = validate_job_config("generate", {**job.model_dump(), "replicas": {"num_replicas": 1}})
+    quiet: list[str] = []
+    notice = runner.check_resources(one, runner.resource_plan(one, started_ray=False), started_ray=False,
+                                    log=quiet.append)
+    assert notice is not None
+    notice.stop()
+    assert quiet == []  # 1 x 1 CPU + 0.25 fits: nothing to wait for
+    two = validate_job_config("generate", {**job.model_dump(), "replicas": {"num_replicas": 2}})
+    sized = runner.resource_plan(two, started_ray=True)  # on our own Ray, unset CPUs are sized to fit
+    assert sized.actor_options["num_cpus"] == 0.75
+    assert runner.check_resources(two, sized, started_ray=True, log=print) is None
