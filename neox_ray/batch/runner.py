@@ -157,6 +157,8 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
 
     kind = kind_of(config)
     cpu = config.cpu_stage_num_cpus
+    stage: type[GenerateEngineStage] | type[ScoreEngineStage]
+    constructor_kwargs: dict[str, Any]
     source = IdentifiedParquetDatasource(checks.plan, config.rows_per_block, skip_ids)
     ds = ray.data.read_datasource(source.as_ray_datasource(), num_cpus=cpu)
     if dry_run_rows is not None:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from neox_ray.config import ModelConfig
@@ -33,6 +33,9 @@ from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.step import StepInput, StepOutput
 from neox_ray.ray.resources import (ClusterResources, shard_group_bundles, shard_worker_options,
                                     shard_worker_threads)
+
+if TYPE_CHECKING:
+    from neox_ray.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class ShardWorker:
 
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(max(1, num_threads))
-        self.runner = None
+        self.runner: ModelRunner | None = None
 
     def address(self) -> tuple[str, int]:
         """A free port on this worker's node (called on rank 0 to rendezvous)."""
@@ -68,10 +71,11 @@ class ShardWorker:
         from neox_ray.engine.model_runner import ModelRunner
 
         init_tensor_parallel(self.rank, self.world_size, init_method, backend)
-        self.runner = ModelRunner(config, max_model_len, model_config)
-        return self.runner.num_kv_blocks, self.runner.decode_path
+        self.runner = runner = ModelRunner(config, max_model_len, model_config)
+        return runner.num_kv_blocks, runner.decode_path
 
     def execute(self, step: StepInput) -> StepOutput | None:
+        assert self.runner is not None, "setup() runs before any step"
         output = self.runner.execute(step)
         return output if self.rank == 0 else None
 
@@ -88,7 +92,7 @@ class RayShardGroupExecutor:
         if not ray.is_initialized():
             ray.init()
         self.workers: list[Any] = []
-        self.placement_group = None
+        self.placement_group: PlacementGroup | None = None
         try:
             self._start(config, model_config, max_model_len)
         except BaseException:
@@ -105,9 +109,9 @@ class RayShardGroupExecutor:
                 raise ShardGroupError(
                     f"tensor_parallel_size={tp} needs {amount * tp:g} {resource} in one node "
                     f"({amount:g} per worker) but the whole cluster has {total.get(resource, 0):g}")
-        self.placement_group = placement_group(bundles, strategy="STRICT_PACK")
+        self.placement_group = group = placement_group(bundles, strategy="STRICT_PACK")
         try:
-            ray.get(self.placement_group.ready(), timeout=config.placement_timeout_s)
+            ray.get(group.ready(), timeout=config.placement_timeout_s)
         except GetTimeoutError:
             raise ShardGroupError(
                 f"could not place {tp} workers of {bundles[0]} on one node within {config.placement_timeout_s:g} s "
@@ -117,7 +121,7 @@ class RayShardGroupExecutor:
         threads = shard_worker_threads(config)
         backend = "nccl" if "GPU" in bundles[0] else "gloo"
         for rank in range(tp):
-            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
             self.workers.append(worker_class.options(
                 **options, scheduling_strategy=strategy, max_restarts=0, name=None).remote(rank, tp, threads))
         # Worker processes import torch first: allow for slow starts on a busy node.

@@ -108,7 +108,7 @@ def build_application(args: ServeArgs, **deployment_options: Any) -> Application
         # OpenAI-shaped 503 at once) instead of waiting in Serve's router queue.
         options["max_ongoing_requests"] = max(2 * args.max_queued_requests, args.max_queued_requests + 8)
     options.update({key: value for key, value in deployment_options.items() if value is not None})
-    return NeoxRayServer.options(**options).bind(args)
+    return NeoxRayServer.options(**options).bind(args)  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
 def build_app(args: dict[str, Any]) -> Application:
