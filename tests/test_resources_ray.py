@@ -3,7 +3,9 @@ session's Ray has 4 CPUs and no GPU; these need 2 CPUs, or a fake GPU that no CU
 
 - a CPU tensor-parallel group on a Ray that advertises a GPU reserves no GPU and still runs;
 - ``neox-ray generate --num-replicas 2`` on a 2-CPU local Ray finishes (CPUs per replica sized to fit);
-- an explicit request that cannot fit exits non-zero within seconds with one line naming the resource.
+- an explicit request that cannot fit exits non-zero within seconds with one line naming the resource;
+- on a cluster the job did not start (which may grow), a job whose actors cannot be placed yet says so
+  every progress interval, and runs once they can.
 """
 
 from __future__ import annotations
@@ -54,6 +56,35 @@ print("REPORT " + json.dumps({
     "serve_auto": replica_actor_options(ServeArgs(model=checkpoint)),
     "auto_tp_bundles": shard_group_bundles(EngineConfig.from_kwargs(checkpoint, tensor_parallel_size=2), cluster),
     "batch_cpu_tp_gpus": plan.needed("GPU"), "batch_cpu_tp_bundles": plan.worker_bundles}))
+ray.shutdown()
+"""
+
+BUSY_CLUSTER_SCRIPT = r"""
+import json, sys, threading, time
+import ray
+
+ray.init(address="local", num_cpus=2, include_dashboard=True, configure_logging=False,
+         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+from neox_ray.batch.config import validate_job_config
+from neox_ray.batch.runner import run_job
+
+checkpoint, input_path, output = sys.argv[1:4]
+blocker = ray.util.placement_group([{"CPU": 1.5}])  # another tenant: 0.5 CPU stays free
+ray.get(blocker.ready(), timeout=30)
+config = validate_job_config("generate", {
+    "model": checkpoint, "input": input_path, "output": output, "sampling": {"max_tokens": 2},
+    "engine": {"device": "cpu", "dtype": "float32", "max_num_seqs": 8},
+    "replicas": {"num_replicas": 1, "num_cpus": 1.0, "batch_size": 4}, "progress_interval_s": 0.5})
+lines, result = [], {}
+thread = threading.Thread(target=lambda: result.update(run_job(config, log=lines.append)), daemon=True)
+thread.start()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not any(line.startswith("waiting for resources") for line in lines):
+    time.sleep(0.2)
+waiting = [line for line in lines if line.startswith("waiting for resources")]
+ray.util.remove_placement_group(blocker)
+thread.join(timeout=240)
+print("REPORT " + json.dumps({"waiting": waiting[:1], "rows": result.get("rows")}))
 ray.shutdown()
 """
 
@@ -124,3 +155,15 @@ def test_a_request_that_cannot_fit_fails_fast_naming_the_resource(two_cpu_job: P
     assert result.returncode == 1
     errors = [text for text in result.stderr.splitlines() if text.startswith("error:")]
     assert errors == [line], result.stderr[-3000:]
+
+
+def test_pending_actors_on_a_busy_cluster_are_reported_then_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pq.write_table(pa.table({"prompt": [f"the quick brown fox {i}" for i in range(8)]}), tmp_path / "in.parquet")
+    result = subprocess.run([sys.executable, "-c", BUSY_CLUSTER_SCRIPT, str(tiny_checkpoint),
+                             str(tmp_path / "in.parquet"), str(tmp_path / "out")],
+                            env=_env(), capture_output=True, text=True, timeout=360)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert report["rows"] == 8
+    assert report["waiting"] and report["waiting"][0].startswith("waiting for resources: 1 engine actor(s) pending; "
+                                                                 "each needs 1 CPU; free now: "), report

@@ -4,8 +4,8 @@ Order matters: everything that can fail because of the user's input (config, che
 ids, output directory of another job) is checked on the driver first; only then does Ray start or
 connect. Then what the job reserves (engine actors, their shard groups, the CPU tasks; the policy is
 :mod:`neox_ray.ray.resources`) is compared with what the cluster has: on a Ray the job started, a job that
-cannot fit fails at once naming the resource; on a cluster that may grow, it says every progress interval
-what it is waiting for. Only then do engine actors load the model.
+cannot fit fails at once naming the resource; on a cluster that may grow (or is busy), it says every
+progress interval what it is waiting for. Only then do engine actors load the model.
 
 The pipeline::
 
@@ -134,7 +134,8 @@ def check_resources(config: JobConfig, plan: BatchResourcePlan, started_ray: boo
                     log: Callable[[str], None]) -> WaitingNotice | None:
     """Before the pool starts: on a Ray this job started (its size is fixed) a plan that cannot fit is a
     :class:`JobError` naming the resource; on a cluster that may grow, a notice that logs
-    ``waiting for resources: ...`` every progress interval while the cluster is too small."""
+    ``waiting for resources: ...`` every progress interval while the cluster is too small, or while engine
+    actors wait to be placed on a busy one."""
     must_fit = dataclasses.replace(plan, replicas=min(config.replicas.pool_bounds[0], plan.replicas))
     if started_ray:
         shortfall = must_fit.shortfall(ClusterResources.current())
@@ -144,9 +145,35 @@ def check_resources(config: JobConfig, plan: BatchResourcePlan, started_ray: boo
 
     def shortfall_now() -> str | None:
         shortfall = must_fit.shortfall(ClusterResources.current())
-        return f"{shortfall} (the engine actors stay pending until it grows)" if shortfall else None
+        if shortfall:
+            return f"{shortfall} (the engine actors stay pending until it grows)"
+        return _pending_actors(plan)
 
     return WaitingNotice("waiting for resources", shortfall_now, config.progress_interval_s, log)
+
+
+def _pending_actors(plan: BatchResourcePlan) -> str | None:
+    """The cluster is big enough but busy: names this job's actors still waiting to be placed. Needs Ray's
+    state API (the dashboard); without it, says nothing."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        pending = list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
+                              filters=[("state", "=", "PENDING_CREATION"),
+                                       ("job_id", "=", ray.get_runtime_context().get_job_id())], timeout=5)
+    except Exception:  # no dashboard, or an older cluster: the totals check above is all we have
+        logger.debug("cannot list pending actors", exc_info=True)
+        return None
+    # Ray Data hosts each engine-stage actor in a "_MapWorker"; other pending actors of the job are its helpers.
+    engine_actors = [actor for actor in pending if "MapWorker" in (actor.class_name or "")]
+    if not engine_actors:
+        return None
+    free = ray.available_resources()
+    cpus, gpus = plan.actor_options["num_cpus"], plan.actor_options["num_gpus"]
+    need = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + (" + its shard group" if plan.worker_bundles else "")
+    return (f"{len(engine_actors)} engine actor(s) pending; each needs {need}; free now: "
+            f"{free.get('CPU', 0.0):g} CPUs, {free.get('GPU', 0.0):g} GPUs")
 
 
 def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | None, actor_options: dict[str, float],
