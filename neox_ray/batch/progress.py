@@ -32,14 +32,13 @@ def print_to_stderr(line: str) -> None:
 
 
 class WaitingNotice:
-    """Logs ``"<what>: <reason>"`` now and every ``interval_s`` (from a daemon thread) while ``reason()``
+    """Logs ``"<what>: <reason>"`` at once and every ``interval_s`` (from a daemon thread) while ``reason()``
     returns one, until :meth:`stop`. ``reason`` returns None when there is nothing to wait for."""
 
     def __init__(self, what: str, reason: Callable[[], str | None], interval_s: float,
                  log: Callable[[str], None] = print_to_stderr):
         self.what, self.reason, self.interval_s, self.log = what, reason, interval_s, log
         self._stopped = threading.Event()
-        self._report()
         self._thread = threading.Thread(target=self._run, name="neox-ray-waiting-notice", daemon=True)
         self._thread.start()
 
@@ -53,6 +52,7 @@ class WaitingNotice:
             self.log(f"{self.what}: {reason}")
 
     def _run(self) -> None:
+        self._report()  # here, not in __init__: a check may take seconds and must not hold up the job
         while not self._stopped.wait(self.interval_s):
             self._report()
 

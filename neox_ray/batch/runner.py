@@ -158,6 +158,8 @@ def _pending_actors(plan: BatchResourcePlan) -> str | None:
     import ray
     from ray.util.state import list_actors
 
+    if not ray.is_initialized():  # get_runtime_context() would start a Ray of its own
+        return None
     try:
         pending = list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
                               filters=[("state", "=", "PENDING_CREATION"),
