@@ -27,7 +27,7 @@ groups and waiting for them stays with the callers (:mod:`neox_ray.ray.shard_gro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 # A Serve replica driving a CPU engine (or only scheduling for a shard group) shares the node with others.
 SERVE_CPU_REPLICA_NUM_CPUS = 0.5
@@ -45,10 +45,17 @@ CPU_TASKS_RESERVED_WHEN_SIZING = 2
 class EngineResourceSettings(Protocol):
     """The engine settings this policy reads (``EngineConfig`` has them all; read by attribute only)."""
 
-    device: str
-    tensor_parallel_size: int
-    worker_num_cpus: float
-    worker_num_gpus: float | None
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def tensor_parallel_size(self) -> int: ...
+
+    @property
+    def worker_num_cpus(self) -> float: ...
+
+    @property
+    def worker_num_gpus(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -194,7 +201,3 @@ class BatchResourcePlan:
             if self.needed(resource) > has + 1e-9:
                 return f"{self._describe(resource)}; the Ray cluster has {has:g}"
         return None
-
-    def summary(self) -> dict[str, Any]:
-        return {"replicas": self.replicas, **self.actor_options, "shard_group_bundles": self.worker_bundles,
-                "cpu_task_num_cpus": self.cpu_task_num_cpus}
