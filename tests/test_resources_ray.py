@@ -152,7 +152,7 @@ def test_a_request_that_cannot_fit_fails_fast_naming_the_resource(two_cpu_job: P
     start = time.monotonic()
     result = _generate(two_cpu_job, tmp_path / "out", *flags, timeout=60)
     assert time.monotonic() - start < 30
-    assert result.returncode == 1
+    assert result.returncode == 2  # a request the cluster cannot hold is a user mistake: exit 2, one line
     errors = [text for text in result.stderr.splitlines() if text.startswith("error:")]
     assert errors == [line], result.stderr[-3000:]
 
