@@ -50,7 +50,8 @@ def _synchronize(device: str) -> None:
 
 def measure_physical_limits(device: str, dtype: torch.dtype, repeats: int = 5) -> dict[str, float]:
     """The two ceilings, measured here: dense matmul FLOP/s in ``dtype`` (4096^3 on GPU, 2048^3 on CPU,
-    random data; on CPU the faster of MKL's ``torch.mm`` and oneDNN with a packed weight) and memory bandwidth (a large copy; bytes read + written). Medians of ``repeats``."""
+    random data; on CPU the faster of MKL's ``torch.mm`` and oneDNN with a packed weight) and memory bandwidth
+    (a large copy; bytes read + written). Medians of ``repeats``."""
     size = 4096 if device.startswith("cuda") else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import socket
 import statistics
@@ -68,7 +69,7 @@ class RunResult:
         return [t.first_token - t.start for t in self.timings if t.first_token is not None]
 
     def itl(self) -> list[float]:
-        return [b - a for t in self.timings for a, b in zip(t.chunk_times, t.chunk_times[1:])]
+        return [b - a for t in self.timings for a, b in itertools.pairwise(t.chunk_times)]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -3,7 +3,9 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/score.py --config configs/score-pythia-1.4b.yaml
 
-Same options as ``neox-ray score``; everything else lives in :mod:`neox_ray.batch`.
+Same options as ``neox-ray score``, with the same error handling (a mistake in the config or the data prints
+one line ``error: ...`` and exits 2; ``--debug`` shows the traceback). Everything else lives in
+:mod:`neox_ray.batch`.
 """
 
 import sys

@@ -2,7 +2,8 @@
 
 A thin driver over :class:`LLMEngine`: it validates every input up front (so a bad item fails before any
 compute, naming its index), queues all requests, steps the engine until they finish and returns results
-in input order. Picking the executor is the only place ``tensor_parallel_size > 1`` brings in Ray.
+in input order (scoring's window fan-out is the engine's). A request the engine fails raises
+:class:`RequestFailedError` naming its index; the others are aborted. Picking the executor is the only place ``tensor_parallel_size > 1`` brings in Ray.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import time
 from typing import Any, Sequence
 
 from neox_ray.engine.engine_config import EngineConfig
-from neox_ray.engine.llm_engine import LLMEngine
+from neox_ray.engine.llm_engine import LLMEngine, RequestFailedError
 from neox_ray.engine.outputs import RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import make_score_task
 
 PromptInput = str | Sequence[int]
 
@@ -60,23 +60,23 @@ class LLM:
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
-        results: list[RequestOutput | None] = [None] * len(order)
         progress = _Progress(len(order)) if use_tqdm else None
         start_tokens = self.engine.num_generated_tokens
+
+        def on_finished(output: RequestOutput) -> None:
+            if progress:
+                progress.update(self.engine.num_generated_tokens - start_tokens)
+
         try:
-            while any(r is None for r in results):
-                for output in self.engine.step():
-                    if output.finished and output.request_id in order:
-                        results[order[output.request_id]] = output
-                        if progress:
-                            progress.update(self.engine.num_generated_tokens - start_tokens)
-        except BaseException:
-            for request_id in order:
-                self.engine.abort(request_id)
-            raise
+            finals = self.engine.run_until_finished(order, on_finished)
+        except RequestFailedError as exc:
+            raise RequestFailedError(exc.request_id, f"prompt {order[exc.request_id]}: {exc}") from None
         finally:
             if progress:
                 progress.close()
+        results: list[RequestOutput | None] = [None] * len(order)
+        for request_id, index in order.items():
+            results[index] = finals[request_id]
         return results  # type: ignore[return-value]
 
     # ---- scoring -------------------------------------------------------------------------------------
@@ -84,28 +84,25 @@ class LLM:
               stride: int | None = None, return_token_logprobs: bool = False,
               use_tqdm: bool = False) -> list[ScoreOutput]:
         """Per-text NLL / perplexity with every token scored once (see :mod:`neox_ray.engine.scoring`)."""
-        items = _as_prompt_list(texts)
-        window, stride = self.engine.score_window(window, stride)
-        eot = self.engine.eot_token_id
-        tasks = []
-        for index, item in enumerate(items):
+        encoded: list[tuple[str | None, list[int]]] = []
+        for index, item in enumerate(_as_prompt_list(texts)):
             try:
                 text, ids = self._encode(item)
-                self.engine.validate_token_ids(ids)  # long texts are fine: they are scored in windows
-                text = text if text is not None else self.tokenizer.decode(ids)
-                tasks.append(make_score_task(text, ids, eot, window, stride))
+                if text is None:  # token ids: bytes and words are counted on their decoding
+                    self.engine.validate_token_ids(ids)
+                    text = self.tokenizer.decode(ids)
             except ValueError as exc:
                 raise ValueError(f"text {index}: {exc}") from None
-        params = SamplingParams(max_tokens=1)
-        order: dict[str, int] = {}
-        for task in tasks:
-            for token_ids, logprob_start in task.requests():
-                request_id = self.engine.add_request(token_ids, params, prefill_only=True,
-                                                     logprob_start=logprob_start)
-                order[request_id] = len(order)
-        outputs = iter(self._run(order, use_tqdm))
-        return [task.finish([next(outputs).prompt_logprobs for _ in task.windows], return_token_logprobs)
-                for task in tasks]
+            encoded.append((text, ids))
+        plan = self.engine.plan_scores(encoded, window, stride)
+        plan.raise_first_error()  # before the progress bar opens
+        if not use_tqdm:
+            return self.engine.run_score_plan(plan, return_token_logprobs)
+        progress = _Progress(len(plan.requests()))
+        try:
+            return self.engine.run_score_plan(plan, return_token_logprobs, lambda output: progress.update(0))
+        finally:
+            progress.close()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,8 +90,7 @@ class _TensorSource:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"cannot read {self.model_dir / file_name}: {exc}") from exc
         self._handles[file_name] = handle
-        for name in handle.keys():
-            self.name_to_file[name] = file_name
+        self.name_to_file.update(dict.fromkeys(handle.keys(), file_name))
 
     def _load_pickle(self, allow_pickle: bool) -> None:
         index = self.model_dir / "pytorch_model.bin.index.json"

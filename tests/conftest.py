@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -43,3 +42,11 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the ``ray_session`` fixture is marked ``ray`` (so ``-m "not ray"`` skips it even when
+    its file forgot the marker); tests that start Ray some other way carry the marker themselves."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

@@ -128,6 +128,7 @@ def test_kernel_rejects_inconsistent_inputs() -> None:
                                              tables, lens, 1.0)
 
 
+@pytest.mark.slow
 @needs_kernel
 @needs_packing
 def test_engine_uses_the_fast_paths_and_the_fallback_gives_the_same_tokens(tiny_checkpoint: Path) -> None:

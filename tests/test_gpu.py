@@ -86,6 +86,7 @@ def test_tp1_bf16_close_to_fp32(tmp_path: Path) -> None:
         assert sum(diffs) / len(diffs) < 5e-2
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 over NCCL needs two GPUs")
 def test_tp2_over_nccl_matches_tp1(ray_session, tmp_path: Path) -> None:
     directory = checkpoint_with_head_dim(tmp_path, 64)

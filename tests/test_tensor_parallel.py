@@ -32,6 +32,8 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(2, 400, (n,), generator=generator).tolist() for n in (5, 23, 40, 11)]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_matches_single_rank(ray_session, odd_vocab_checkpoint: Path, reference: LLM, tp: int):
     llm = LLM(str(odd_vocab_checkpoint), tensor_parallel_size=tp, **TP_OPTIONS)
@@ -88,11 +90,13 @@ def test_each_rank_loads_only_its_slices(odd_vocab_checkpoint: Path) -> None:
         distributed._STATE.rank, distributed._STATE.world_size = 0, 1
 
 
+@pytest.mark.ray
 def test_heads_not_divisible_is_a_clear_error(ray_session, odd_vocab_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
         LLM(str(odd_vocab_checkpoint), tensor_parallel_size=3, **TP_OPTIONS)
 
 
+@pytest.mark.ray
 def test_more_resources_than_the_cluster_has_fails_fast(ray_session, odd_vocab_checkpoint: Path) -> None:
     from neox_ray.ray.shard_group import ShardGroupError
 
@@ -104,6 +108,8 @@ def test_more_resources_than_the_cluster_has_fails_fast(ray_session, odd_vocab_c
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_placement_that_cannot_be_satisfied_now_times_out(ray_session, odd_vocab_checkpoint: Path) -> None:
     from neox_ray.ray.shard_group import ShardGroupError
 
@@ -120,6 +126,8 @@ def test_placement_that_cannot_be_satisfied_now_times_out(ray_session, odd_vocab
         ray_session.util.remove_placement_group(blocker)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_worker_death_mid_generation_fails_promptly_and_group_rebuilds(ray_session, odd_vocab_checkpoint: Path):
     from neox_ray.ray.shard_group import ShardGroupError
 
@@ -151,6 +159,8 @@ def test_worker_death_mid_generation_fails_promptly_and_group_rebuilds(ray_sessi
         rebuilt.shutdown()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_shard_group_inside_a_ray_data_actor(ray_session, odd_vocab_checkpoint: Path, reference: LLM,
                                              tmp_path: Path) -> None:
     """A batch job whose engine actors each drive a TP=2 shard group gives LLM's (TP=1) greedy outputs."""
@@ -179,6 +189,8 @@ def test_shard_group_inside_a_ray_data_actor(ray_session, odd_vocab_checkpoint: 
     assert [out[f"r{i}"]["generated_text"] for i in range(8)] == [e.outputs[0].text for e in expected]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_shard_group_inside_a_serve_replica(ray_session, odd_vocab_checkpoint: Path, reference: LLM) -> None:
     import json
     import socket

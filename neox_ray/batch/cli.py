@@ -1,16 +1,25 @@
 """``neox-ray generate`` and ``neox-ray score``: flags on top of an optional YAML config, then run the job.
 
 Flags override the config file key by key (``--num-replicas`` maps to ``replicas.num_replicas``, ...);
-validation happens once, on the merged result (:mod:`neox_ray.batch.config`). ``jobs/generate.py`` and
-``jobs/score.py`` call :func:`main` with the same options, for ``ray job submit``.
+validation happens once, on the merged result (:mod:`neox_ray.batch.config`). Engine and sampling flags are
+generated from the ``EngineConfig`` / ``SamplingParams`` fields tagged ``flag`` (name, type, help and all).
+``jobs/generate.py`` and ``jobs/score.py`` call :func:`main` with the same options, for ``ray job submit``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from neox_ray.engine.engine_config import flag_fields
+from neox_ray.engine.sampling_params import SamplingParams
+
+# Flags that come from the settings schemas: EngineConfig / SamplingParams fields tagged "flag", named after
+# the field (--max-tokens), typed and described by it. ``seed`` is the job seed, not sampling.seed.
+_ENGINE_FLAG_SPECS = flag_fields()
+_SAMPLING_FLAG_SPECS = SamplingParams.specs("flag")
+_SAMPLING_NOTES = {"n": "n > 1 adds sample_index"}  # what a field means in a batch job in particular
 
 # flag destination -> dotted config key
 _COMMON_FLAGS: dict[str, str] = {
@@ -18,13 +27,13 @@ _COMMON_FLAGS: dict[str, str] = {
     "num_replicas": "replicas.num_replicas", "min_replicas": "replicas.min_replicas",
     "max_replicas": "replicas.max_replicas", "num_cpus_per_replica": "replicas.num_cpus",
     "num_gpus_per_replica": "replicas.num_gpus", "batch_size": "replicas.batch_size",
-    "tensor_parallel_size": "engine.tensor_parallel_size", "dtype": "engine.dtype", "device": "engine.device",
-    "max_model_len": "engine.max_model_len", "rows_per_file": "rows_per_file", "dry_run": "dry_run",
+    **{spec.name: f"engine.{spec.name}" for spec in _ENGINE_FLAG_SPECS},
+    "rows_per_file": "rows_per_file", "dry_run": "dry_run",
     "ray_address": "ray.address", "progress_interval": "progress_interval_s",
 }
 _GENERATE_FLAGS: dict[str, str] = {
-    "prompt_column": "prompt_column", "max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature",
-    "top_p": "sampling.top_p", "top_k": "sampling.top_k", "n": "sampling.n", "seed": "seed",
+    "prompt_column": "prompt_column", "seed": "seed",
+    **{spec.name: f"sampling.{spec.name}" for spec in _SAMPLING_FLAG_SPECS},
 }
 _SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride"}
 
@@ -44,10 +53,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--num-gpus-per-replica", type=float,
                       help="GPUs each engine actor reserves (default: 1 on a GPU cluster with TP=1, else 0)")
     pool.add_argument("--batch-size", type=int, help="rows per engine call (default 32)")
-    pool.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica's shard group (default 1)")
-    pool.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
-    pool.add_argument("--device", help="auto, cpu or cuda")
-    pool.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    for spec in _ENGINE_FLAG_SPECS:
+        pool.add_argument(spec.flag, **spec.argparse_options(spec.default))
     run = parser.add_argument_group("run")
     run.add_argument("--rows-per-file", type=int, help="input rows per committed output file")
     run.add_argument("--dry-run", type=int, metavar="N",
@@ -58,15 +65,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_generate_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common(parser)
-    sampling = parser.add_argument_group("generation (per-row columns of the same names override these)")
+    sampling = parser.add_argument_group(
+        "generation", "The job's sampling defaults. Input columns named after a sampling field override it per "
+                      f"row (null: the default): {', '.join(SamplingParams.row_override_fields())}.")
     sampling.add_argument("--prompt-column", help="column holding the prompts (default: prompt)")
-    sampling.add_argument("--max-tokens", type=int, help="tokens to generate per sample (default 64)")
-    sampling.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default 1)")
-    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1)")
-    sampling.add_argument("--top-k", type=int, help="top-k sampling; 0 = off (default 0)")
-    sampling.add_argument("--n", type=int, help="samples per prompt; n > 1 adds sample_index (default 1)")
+    job_defaults = _job_sampling_defaults()
+    for spec in _SAMPLING_FLAG_SPECS:
+        shown_default = job_defaults.get(spec.name, spec.default)
+        sampling.add_argument(spec.flag, **spec.argparse_options(shown_default, _SAMPLING_NOTES.get(spec.name, "")))
     sampling.add_argument("--seed", type=int, help="job seed; each row's seed derives from it and the row id")
     return parser
+
+
+def _job_sampling_defaults() -> dict[str, Any]:
+    """The sampling defaults a generate job starts from (they differ from SamplingParams' own: max_tokens)."""
+    from neox_ray.batch.config import GenerateJobConfig
+
+    factory = GenerateJobConfig.model_fields["sampling"].default_factory
+    return dict(factory()) if factory is not None else {}  # type: ignore[call-arg]
 
 
 def build_score_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -103,21 +119,14 @@ def overrides_from_args(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_from_args(kind: str, args: argparse.Namespace) -> int:
-    from neox_ray.batch.config import JobConfigError, load_job_config
+    """Loads the config, runs the job, prints its summary. Errors propagate to :func:`neox_ray.cli.run_guarded`,
+    which prints them as one line and exits 2 for a user mistake."""
+    from neox_ray.batch.config import load_job_config
     from neox_ray.batch.progress import format_summary
-    from neox_ray.batch.runner import JobError, run_job
-    from neox_ray.batch.sink import OutputError
-    from neox_ray.batch.source import InputError
+    from neox_ray.batch.runner import run_job
 
-    try:
-        config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
-        summary = run_job(config)
-    except JobConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (JobError, InputError, OutputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
+    summary = run_job(config)
     if "dry_run_rows" in summary:
         print(json.dumps(summary, indent=2))
     else:
@@ -127,6 +136,10 @@ def run_from_args(kind: str, args: argparse.Namespace) -> int:
 
 def main(kind: str, argv: list[str] | None = None) -> int:
     """Entry point of ``jobs/<kind>.py``: the same options as ``neox-ray <kind>``."""
+    from neox_ray.cli import add_debug_flag, run_guarded
+
     parser = argparse.ArgumentParser(prog=f"jobs/{kind}.py")
     (build_generate_parser if kind == "generate" else build_score_parser)(parser)
-    return run_from_args(kind, parser.parse_args(argv))
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: run_from_args(kind, args), debug=args.debug)

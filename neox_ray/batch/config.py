@@ -13,7 +13,6 @@ data or the checkpoint (columns, ids, ``max_tokens`` against the model's context
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,8 +95,7 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _engine_and_resources(self) -> "JobConfig":
-        self.engine_config  # raises ValueError naming the engine option
-        engine = self.engine_config
+        engine = self.engine_config  # raises ValueError naming the engine option
         if engine.tensor_parallel_size > 1 and self.replicas.num_gpus:
             raise ValueError(f"replicas.num_gpus must be 0 (or unset) with engine.tensor_parallel_size="
                              f"{engine.tensor_parallel_size}: the shard group's placement group holds the GPUs")
@@ -137,7 +135,7 @@ class GenerateJobConfig(JobConfig):
         if "seed" in self.sampling:
             raise ValueError("sampling.seed: use the job-level 'seed' (each row's seed derives from it and the "
                              "row id) or a per-row 'seed' column")
-        known = {f.name for f in dataclasses.fields(SamplingParams)}
+        known = set(SamplingParams.model_fields)
         unknown = sorted(set(self.sampling) - known)
         if unknown:
             raise ValueError(f"sampling: unknown option(s) {', '.join(unknown)}")

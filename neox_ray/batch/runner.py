@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from neox_ray.batch.config import GenerateJobConfig, JobConfig, ScoreJobConfig
 from neox_ray.batch.progress import ProgressReporter, format_duration, print_to_stderr
-from neox_ray.batch.sink import OutputDir, commit_block, finalize, SUCCESS, SUMMARY
+from neox_ray.batch.sink import OutputDir, commit_block, finalize, finish_empty_input, SUCCESS, SUMMARY
 from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
 from neox_ray.batch.stages import (GENERATION_COLUMNS, INTERNAL_COLUMNS, SCORE_COLUMNS, GenerateEngineStage,
                                    ScoreEngineStage, engine_span, format_generation, format_scores,
@@ -189,6 +189,9 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
     """Runs (or resumes, or dry-runs) the job and returns its summary."""
     kind = kind_of(config)
     checks = preflight(config)
+    if checks.plan.total_rows == 0:  # nothing to run: an empty result at once, without Ray or a model
+        return finish_empty_input(config.output, config.dry_run is not None, checks.plan, kind,
+                                  job_identity(config, checks), log)
     if config.dry_run is not None:
         started_ray = connect_ray(config)
         try:

@@ -16,16 +16,24 @@ directory reads the committed ids and the read skips them. :func:`finalize` chec
 present exactly once (dropping any duplicate that slipped through from a later file) before it writes the
 summary and the marker.
 
+Before anything runs, :meth:`OutputDir.start` checks that the output path can be used (not an existing file,
+creatable, writable) and fails with :class:`OutputError` naming the path. An input with 0 rows finishes at
+once (:func:`finish_empty_input`): an empty result (summary.json and _SUCCESS with zero counts, no part
+files) and exit code 0, like a Ray Data pipeline over an empty dataset; nothing starts Ray or loads a model.
+
 What goes into each row is decided by :mod:`neox_ray.batch.stages`; this module only stores rows.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +53,8 @@ PART_PREFIX = "part-"
 
 
 class OutputError(RuntimeError):
-    """The output directory cannot be used (another job's output) or is not complete after the run."""
+    """The output directory cannot be used (a file, not writable, another job's output) or is not complete
+    after the run."""
 
 
 @dataclass
@@ -59,7 +68,10 @@ class OutputDir:
         return posixpath.join(self.root, name)
 
     def exists(self, name: str) -> bool:
-        return self.filesystem.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+        try:
+            return self.filesystem.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+        except OSError as exc:
+            raise OutputError(f"cannot access output {self.uri}: {_reason(exc)}") from None
 
     def part_files(self) -> list[str]:
         if self.filesystem.get_file_info(self.root).type == pafs.FileType.NotFound:
@@ -89,7 +101,7 @@ class OutputDir:
     def start(self, job_identity: dict[str, Any]) -> pa.Array | None:
         """Checks that this directory is new or holds this same job, clears stale temporaries, and returns
         the ids committed by earlier runs (None when there are none)."""
-        self.filesystem.create_dir(self.root, recursive=True)
+        self.check_writable()
         if self.exists(JOB):
             previous = json.loads(self.read_text(JOB))
             changed = [f"{k}: {previous.get(k)!r} then, {v!r} now" for k, v in job_identity.items()
@@ -104,6 +116,23 @@ class OutputDir:
         ids = [self._read_ids(path) for path in self.part_files()]
         return pa.chunked_array(ids).combine_chunks() if ids else None
 
+    def check_writable(self) -> None:
+        """Creates the directory if missing and writes (then deletes) a probe file in it, so a path under a
+        file, a read-only mount or a missing permission fails here, before Ray starts, and not in the first
+        commit task after the model loaded. (A probe, not ``os.access``: root passes every access check, and
+        object stores have no permission bits to read.)"""
+        if self.filesystem.get_file_info(self.root).type == pafs.FileType.File:
+            raise OutputError(f"output {self.uri} is an existing file; the output must be a directory (it is "
+                              "created if missing)")
+        probe = self.path(f"{TMP}/_write_probe.{uuid.uuid4().hex}")
+        try:
+            self.filesystem.create_dir(self.path(TMP), recursive=True)
+            with self.filesystem.open_output_stream(probe) as stream:
+                stream.write(b"")
+            self.filesystem.delete_file(probe)
+        except OSError as exc:
+            raise OutputError(f"output directory {self.uri} is not writable: {_reason(exc)}") from None
+
     def _read_ids(self, path: str) -> pa.Array:
         try:
             return pq.read_table(path, columns=[ID], filesystem=self.filesystem).column(ID).combine_chunks()
@@ -117,6 +146,14 @@ def read_output(uri: str, columns: list[str] | None = None) -> pa.Table:
     output = OutputDir(uri)
     tables = [pq.read_table(path, columns=columns, filesystem=output.filesystem) for path in output.part_files()]
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+def _reason(exc: OSError) -> str:
+    """The short cause of a filesystem error ("Not a directory", "Permission denied"), else its message."""
+    if exc.errno in (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EEXIST):
+        reason = os.strerror(exc.errno)
+        return f"{reason} (a parent of it is a file)" if exc.errno == errno.ENOTDIR else reason
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 # ---- commit (CPU task) -----------------------------------------------------------------------------------
@@ -162,11 +199,16 @@ def finalize(output: OutputDir, plan: InputPlan, kind: str, num_samples: int,
     for index, path in enumerate(files):
         table = pq.read_table(path, columns=[ID, "error", *value_columns], filesystem=output.filesystem)
         tables.append(table.append_column("__file", pa.array([index] * table.num_rows, type=pa.int32())))
-    if not tables:
+    if tables:
+        rows = pa.concat_tables(tables)
+        rows, removed = _drop_duplicate_ids(output, files, rows, num_samples)
+        _check_complete(output, plan, rows, num_samples)
+    elif plan.total_rows == 0:  # an empty input has an empty result: the counts below all come out 0
+        rows = pa.table({ID: pa.array([], pa.string()), "error": pa.array([], pa.string()),
+                         **{name: pa.array([], pa.float64()) for name in value_columns}})
+        removed = 0
+    else:
         raise OutputError(f"output {output.uri} has no committed files")
-    rows = pa.concat_tables(tables)
-    rows, removed = _drop_duplicate_ids(output, files, rows, num_samples)
-    _check_complete(output, plan, rows, num_samples)
 
     num_failed = pc.count(rows["error"], mode="only_valid").as_py() // num_samples  # errors repeat per sample
     summary: dict[str, Any] = {"kind": kind, "rows": plan.total_rows, "output_rows": rows.num_rows,
@@ -195,6 +237,24 @@ def finalize(output: OutputDir, plan: InputPlan, kind: str, num_samples: int,
     return summary
 
 
+def finish_empty_input(output_uri: str, dry_run: bool, plan: InputPlan, kind: str, job_identity: dict[str, Any],
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """A 0-row input: nothing to run, so no Ray and no model. A real run still claims the output directory
+    (so the same checks as for any run apply) and writes an empty result: summary.json and _SUCCESS with
+    zero counts. A dry run writes nothing and reports 0 rows."""
+    files = f"{len(plan.files)} file(s)"
+    if dry_run:
+        log(f"[{kind}] dry run: the input has 0 rows ({files}); nothing to sample")
+        return {"kind": kind, "dry_run_rows": 0, "errors": 0, "total_rows": 0, "projected_wall_time_s": 0.0}
+    output = OutputDir(output_uri)
+    output.start(job_identity)
+    num_samples = int(job_identity.get("sampling", {}).get("n", 1)) if kind == "generate" else 1
+    summary = finalize(output, plan, kind, num_samples, {"wall_time_s": 0.0, "rows_this_run": 0,
+                                                         "rows_resumed": 0})
+    log(f"[{kind}] the input has 0 rows ({files}); wrote an empty result to {output_uri}")
+    return summary
+
+
 def _exp(x: float) -> float:
     try:
         return math.exp(x)
@@ -210,13 +270,14 @@ def _drop_duplicate_ids(output: OutputDir, files: list[str], rows: pa.Table,
     duplicated = first_file.filter(pc.greater(first_file["__file_count_distinct"], 1))
     if not duplicated.num_rows:
         return rows, 0
-    keep_in = dict(zip(duplicated[ID].to_pylist(), duplicated["__file_min"].to_pylist()))
+    keep_in = dict(zip(duplicated[ID].to_pylist(), duplicated["__file_min"].to_pylist(), strict=True))
     dup_ids = duplicated[ID]
     removed = 0
     for index, path in enumerate(files):
         table = pq.read_table(path, filesystem=output.filesystem)
         mine = pc.is_in(table[ID], value_set=dup_ids)
-        drop = [keep_in[v] != index if m else False for v, m in zip(table[ID].to_pylist(), mine.to_pylist())]
+        drop = [keep_in[v] != index if m else False
+                for v, m in zip(table[ID].to_pylist(), mine.to_pylist(), strict=True)]
         if not any(drop):
             continue
         kept = table.filter(pc.invert(pa.array(drop)))
@@ -227,7 +288,7 @@ def _drop_duplicate_ids(output: OutputDir, files: list[str], rows: pa.Table,
             removed += 1
     is_dup = pc.is_in(rows[ID], value_set=dup_ids).to_pylist()
     files_of = rows["__file"].to_pylist()
-    keep_mask = [not d or keep_in[v] == f for v, d, f in zip(rows[ID].to_pylist(), is_dup, files_of)]
+    keep_mask = [not d or keep_in[v] == f for v, d, f in zip(rows[ID].to_pylist(), is_dup, files_of, strict=True)]
     return rows.filter(pa.array(keep_mask)), removed
 
 

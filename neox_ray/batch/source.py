@@ -1,8 +1,9 @@
 """The input side of a batch job: checking a Parquet dataset before anything runs, and reading it with ids.
 
 :func:`plan_input` runs on the driver and reads only Parquet footers (plus the id column when there is one),
-so an unreadable file, a missing prompt column, a clash with an output column name, or null / duplicate ids
-fail the job in seconds, before Ray schedules anything or a model loads.
+so an unreadable file, a missing prompt column or one that does not hold strings, a clash with an output
+column name, or null / duplicate ids fail the job in seconds, before Ray schedules anything or a model loads.
+An input with 0 rows is valid: the runner finishes it at once with an empty result.
 
 :class:`IdentifiedParquetDatasource` is the Ray Data read. It is a small custom datasource rather than
 ``ray.data.read_parquet`` because every row needs a stable id and ``read_parquet`` knows no row positions
@@ -18,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -106,10 +108,17 @@ def plan_input(path: str, required_column: str, id_column: str, reserved_columns
             raise InputError(f"input file {file_path} has no column {required_column!r} (columns: "
                              f"{', '.join(schema.names) or 'none'}); set the column name option if it is named "
                              "differently")
+        column_type = schema.field(required_column).type
+        if not (_is_text(column_type) or pa.types.is_null(column_type)):
+            raise InputError(f"input column {required_column!r} in {file_path} has Arrow type {column_type}; it "
+                             f"must hold strings{_TEXT_TYPE_HINTS.get(_type_family(column_type), '')}")
     try:
         unified = pa.unify_schemas([s for _, s in schemas])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise InputError(f"input files have incompatible schemas: {exc}") from None
+    if pa.types.is_null(unified.field(required_column).type):
+        raise InputError(f"input column {required_column!r} has Arrow type null in every file (no values); it "
+                         "must hold strings")
     clashes = [c for c in reserved_columns if c in unified.names]
     if clashes:
         raise InputError(f"input column(s) {', '.join(clashes)} would be overwritten by the job's output columns; "
@@ -122,6 +131,31 @@ def plan_input(path: str, required_column: str, id_column: str, reserved_columns
     if plan.id_column is not None:
         plan.ids = _read_and_check_ids(plan)
     return plan
+
+
+_TEXT_TYPE_HINTS = {
+    "binary": " (decode the bytes to UTF-8 text before writing the Parquet file)",
+    "list": " (pre-tokenized prompts are not supported: pass the text)",
+    "number": " (is the column name option pointing at the right column?)",
+}
+
+
+def _is_text(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(arrow_type):  # e.g. a pandas categorical column
+        return _is_text(arrow_type.value_type)
+    return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+            or pa.types.is_string_view(arrow_type))
+
+
+def _type_family(arrow_type: pa.DataType) -> str:
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type) or \
+            pa.types.is_fixed_size_binary(arrow_type) or pa.types.is_binary_view(arrow_type):
+        return "binary"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        return "list"
+    if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
+        return "number"
+    return "other"
 
 
 def _read_and_check_ids(plan: InputPlan) -> pa.ChunkedArray:
@@ -147,7 +181,7 @@ def _read_and_check_ids(plan: InputPlan) -> pa.ChunkedArray:
     duplicated = counts.filter(pc.greater(counts["id_count"], 1))
     if duplicated.num_rows:
         examples = ", ".join(f"{v!r} ({c} times)" for v, c in zip(duplicated["id"].to_pylist()[:3],
-                                                                  duplicated["id_count"].to_pylist()[:3]))
+                                                                  duplicated["id_count"].to_pylist()[:3], strict=True))
         raise InputError(f"id column {column!r} has {duplicated.num_rows} duplicated value(s), e.g. {examples}; "
                          "ids must be unique")
     return ids

@@ -19,7 +19,6 @@ Reading belongs to :mod:`neox_ray.batch.source`, writing to :mod:`neox_ray.batch
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -32,13 +31,15 @@ from typing import Any
 import pyarrow as pa
 
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import make_score_task
+from neox_ray.engine.scoring import ScoreItemError
 
 logger = logging.getLogger(__name__)
 
-# Per-row overrides a generation input may carry (null = the job's default).
-OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-_INTEGER_OVERRIDES = ("max_tokens", "top_k", "seed")
+# Per-row overrides a generation input may carry (null = the job's default): the SamplingParams fields
+# tagged as row overrides, under their own names.
+OVERRIDE_COLUMNS = SamplingParams.row_override_fields()
+_INTEGER_OVERRIDES = frozenset(spec.name for spec in SamplingParams.specs("row")
+                               if spec.value_type is int and not spec.is_list)
 
 GENERATION_COLUMNS = ("generated_text", "num_prompt_tokens", "num_generated_tokens", "finish_reason", "error",
                       "sample_index")
@@ -55,7 +56,7 @@ ENGINE_START = "__neox_engine_start"   # wall-clock span of the engine call (dry
 ENGINE_END = "__neox_engine_end"
 INTERNAL_COLUMNS = (TOKEN_IDS, SAMPLING, TEXTS, NUM_GENERATED, FINISH_REASONS, ENGINE_START, ENGINE_END)
 
-_SEED_BITS = 40  # the sampler multiplies seeds by ~1e6 and torch seeds are 64-bit: stay well inside
+_SEED_BITS = 40  # any seed < 2**64 works; 40 bits stay exact in float64 columns and readable in outputs
 
 
 def row_seed(job_seed: int, row_id: Any) -> int:
@@ -91,6 +92,8 @@ def _row_overrides(batch: pa.Table, row: int, columns: list[str]) -> dict[str, A
             value = None  # pandas-written files store a missing number as NaN
         if name in _INTEGER_OVERRIDES and isinstance(value, float) and value.is_integer():
             value = int(value)  # an integer column with nulls, written by pandas as float64
+        # Anything else of the wrong type (a string temperature, a float top_k) is left for SamplingParams
+        # to reject: strictly, naming the field, as this row's error.
         if value is not None:
             overrides[name] = value
     return overrides
@@ -106,6 +109,7 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
     ids = batch.column("id").to_pylist()
     errors: list[str | None] = []
     params_json: list[str | None] = []
+    max_tokens_of: list[int] = []
     for row, prompt in enumerate(prompts):
         error = _text_error(prompt, "prompt")
         params = None
@@ -117,14 +121,15 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
             except (TypeError, ValueError) as exc:
                 error = f"invalid per-row override: {exc}"
         errors.append(error)
-        params_json.append(json.dumps(dataclasses.asdict(params)) if params is not None else None)
+        params_json.append(params.model_dump_json() if params is not None else None)
+        max_tokens_of.append(params.max_tokens if params is not None else 0)
 
     to_encode = [i for i, e in enumerate(errors) if e is None]
     encoded = tokenizer.encode_batch([prompts[i] for i in to_encode]) if to_encode else []
     token_ids: list[list[int] | None] = [None] * len(prompts)
     for row, row_ids in zip(to_encode, encoded):
         token_ids[row] = row_ids
-        max_tokens = json.loads(params_json[row])["max_tokens"]
+        max_tokens = max_tokens_of[row]
         if not row_ids:
             errors[row] = "prompt is empty (no tokens)"
         elif len(row_ids) + max_tokens > max_model_len:  # the engine's own check, made before the GPU stage
@@ -225,32 +230,20 @@ class ScoreEngineStage(_EngineActor):
         super().__init__(model, engine_kwargs)
         self.text_column = text_column
         self.window, self.stride = self.llm.engine.score_window(window, stride)
-        self.eot = self.llm.engine.eot_token_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.time()
         errors: list[str | None] = batch.column("error").to_pylist()
         token_ids = batch.column(TOKEN_IDS).to_pylist()
         texts = batch.column(self.text_column).to_pylist()
-        window_params = SamplingParams(max_tokens=1)
-        tasks, futures = {}, {}
-        for row, error in enumerate(errors):
-            if error is not None:
-                continue
-            try:
-                task = make_score_task(texts[row], token_ids[row], self.eot, self.window, self.stride)
-                futures[row] = [self.engine.submit_and_wait(ids, window_params, prefill_only=True,
-                                                            logprob_start=start)
-                                for ids, start in task.requests()]
-                tasks[row] = task
-            except Exception as exc:
-                self._exit_if_dead(exc)
-                errors[row] = str(exc)
+        rows = [row for row, error in enumerate(errors) if error is None]
+        futures = self.engine.score_futures([(texts[row], token_ids[row]) for row in rows], self.window, self.stride)
         scores = {}
-        for row, window_futures in futures.items():
+        for row, future in zip(rows, futures):
             try:
-                outputs = [f.result() for f in window_futures]
-                scores[row] = tasks[row].finish([o.prompt_logprobs for o in outputs], keep_token_logprobs=False)
+                scores[row] = future.result()
+            except ScoreItemError as exc:
+                errors[row] = exc.message
             except Exception as exc:
                 self._exit_if_dead(exc)
                 errors[row] = f"engine error: {exc}"

@@ -168,7 +168,7 @@ class BlockManager:
         """Grows the block table to hold ``num_tokens`` tokens (callers check :meth:`can_append` first)."""
         while len(seq.block_table) < self.blocks_needed(num_tokens):
             following = seq.block_table[-1] + 1 if seq.block_table else None
-            if self.soft_reserved.get(following, seq.seq_id) != seq.seq_id:
+            if following is not None and self.soft_reserved.get(following, seq.seq_id) != seq.seq_id:
                 following = None  # kept for another sequence's growth
             seq.block_table.append(self._take_free_block(following))
 

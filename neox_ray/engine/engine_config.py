@@ -1,66 +1,76 @@
-"""Engine settings, typed and validated once, with messages that name the field. Pure Python."""
+"""``EngineConfig``: engine settings, one strict typed model validated once, with messages that name the field.
+
+Pure Python. ``LLM(model, **kwargs)``, the Serve application's ``engine:`` mapping and the batch job's
+``engine:`` mapping all validate through :meth:`EngineConfig.from_kwargs`. Fields tagged ``flag`` become
+``--kebab-name`` options of the batch and serve commands (:func:`flag_fields`), with the description as help.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, model_validator
+
+from neox_ray.engine.schema import FieldSpec, StrictSettings, field_specs, setting
+
+FLAG = "flag"  # a command-line option of ``neox-ray generate|score|serve``
+
+DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+AttentionBackend = Literal["auto", "sdpa", "flash_attn", "eager"]
 
 
-@dataclass
-class EngineConfig:
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    attention_backend: str = "auto"
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None        # bytes per rank
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None          # default: the model's max_position_embeddings
-    tensor_parallel_size: int = 1
-    allow_pickle: bool = False
-    seed: int | None = None                   # seeds the generator of requests that bring no seed
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _known_device(device: str) -> str:
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+class EngineConfig(StrictSettings):
+    model: str = setting(min_length=1, description="checkpoint directory (HF format)")
+    dtype: DType = setting("auto", tags=[FLAG], description="weights and activations dtype")
+    device: Annotated[str, AfterValidator(_known_device)] = setting("auto", tags=[FLAG],
+                                                                    description="auto, cpu, cuda or cuda:N")
+    attention_backend: AttentionBackend = setting("auto", tags=[FLAG], description="attention implementation")
+    max_num_seqs: int = setting(128, ge=1, tags=[FLAG], description="most sequences in one engine step")
+    max_num_batched_tokens: int = setting(2048, ge=1, description="most tokens in one engine step")
+    block_size: int = setting(16, ge=1, description="tokens per KV-cache block")
+    num_kv_blocks: int | None = setting(None, ge=1, description="KV-cache blocks per rank (default: from memory)")
+    kv_cache_memory: int | None = setting(None, ge=1, description="KV-cache bytes per rank (default: from memory)")
+    gpu_memory_utilization: float = setting(0.9, gt=0.0, le=1.0, allow_inf_nan=False,
+                                            description="share of GPU memory the engine may fill")
+    enable_prefix_caching: bool = setting(True, description="reuse cached blocks of shared prompt prefixes")
+    max_model_len: int | None = setting(None, ge=1, tags=[FLAG],
+                                        description="context length (default: the model's max_position_embeddings)")
+    tensor_parallel_size: int = setting(1, ge=1, tags=[FLAG], description="GPUs (shard-group workers) per engine")
+    allow_pickle: bool = setting(False, description="allow loading pickled (.bin) checkpoints")
+    seed: int | None = setting(None, ge=0, le=2**64 - 1,
+                               description="seeds the generator of requests that bring no seed")
     # Ray shard group (tensor_parallel_size > 1) settings.
-    worker_num_cpus: float = 0.5
-    worker_num_gpus: float | None = None      # None: 1 when CUDA is visible to the cluster, else 0
-    placement_timeout_s: float = 60.0
+    worker_num_cpus: float = setting(0.5, ge=0.0, allow_inf_nan=False, description="CPUs per shard-group worker")
+    worker_num_gpus: float | None = setting(None, ge=0.0, allow_inf_nan=False,
+                                            description="GPUs per shard-group worker (default: 1 with CUDA, else 0)")
+    placement_timeout_s: float = setting(60.0, gt=0.0, allow_inf_nan=False,
+                                         description="seconds to wait for the shard group's placement group")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a checkpoint directory path, got {self.model!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    @model_validator(mode="after")
+    def _one_kv_cache_size(self) -> EngineConfig:
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "sdpa", "flash_attn", "eager"):
-            raise ValueError("attention_backend must be one of auto, sdpa, flash_attn, eager; "
-                             f"got {self.attention_backend!r}")
-        if self.worker_num_cpus < 0:
-            raise ValueError(f"worker_num_cpus must be >= 0, got {self.worker_num_cpus}")
+        return self
 
     @classmethod
-    def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
+        """Raises TypeError naming unknown options, :class:`SettingsError` (ValueError) for bad values."""
+        unknown = sorted(set(kwargs) - set(cls.model_fields))
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
         return cls(model=model, **kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def flag_fields() -> list[FieldSpec]:
+    """The engine settings that the batch and serve commands take as flags."""
+    return field_specs(EngineConfig, FLAG)

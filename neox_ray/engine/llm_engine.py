@@ -3,7 +3,10 @@
 ``LLMEngine`` owns the tokenizer, the scheduler and an executor. ``add_request`` validates and queues a
 request (``n`` samples become ``n`` sequences sharing the prompt's cached blocks); ``step`` schedules,
 runs one forward pass through the executor, applies sampled tokens, detokenizes incrementally, checks
-stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once.
+stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once. A failure
+that belongs to one request fails that request alone (``RequestOutput.error``; a failed forward pass is
+rerun request by request to find out whose it is); only what cannot be pinned on a request raises.
+``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back.
 
 Everything above it (``LLM`` for offline use, the Ray Data stage, the Serve deployment) drives this one
 class; none has a generation loop of its own.
@@ -13,25 +16,37 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 from neox_ray.config import ModelConfig
 from neox_ray.engine.block_manager import BlockManager
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.executor import Executor, UniprocExecutor
-from neox_ray.engine.outputs import CompletionOutput, RequestOutput
+from neox_ray.engine.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
-from neox_ray.engine.scoring import validate_window
-from neox_ray.engine.sequence import Sequence, SequenceStatus
-from neox_ray.engine.step import SamplingRow, SequenceStep, StepInput, StepOutput
+from neox_ray.engine.scoring import ScoreItems, ScorePlan, plan_scores, validate_window
+from neox_ray.engine.sequence import Sequence
+from neox_ray.engine.step import SAMPLING_KNOBS, SampleResult, SamplingRow, SequenceStep, StepInput, StepOutput
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[EngineConfig, ModelConfig, int], Executor]
+
+# The sampler's knobs, read off a request's SamplingParams by name (no per-step validation).
+_read_knobs = operator.attrgetter(*SAMPLING_KNOBS)
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (and only it); the engine itself keeps serving others."""
+
+    def __init__(self, request_id: str, error: str):
+        super().__init__(error)
+        self.request_id = request_id
 
 
 @dataclass
@@ -84,6 +99,9 @@ class LLMEngine:
         self._request_counter = itertools.count()
         self.num_generated_tokens = 0
         self.num_aborted = 0
+        self.num_failed = 0
+        self._failed: list[RequestOutput] = []               # failed requests' outputs, for the next return
+        self._suspects: dict[str, RequestOutput] = {}        # failed alone; held until the engine works again
 
     # ---- requests ------------------------------------------------------------------------------------
     @property
@@ -125,6 +143,60 @@ class LLMEngine:
         validate_window(window, stride, self.max_model_len)
         return window, stride
 
+    def plan_scores(self, items: ScoreItems, window: int | None = None,
+                    stride: int | None = None) -> ScorePlan:
+        """(text, token ids) -> the window requests that score them; a bad window/stride raises ValueError,
+        a text that cannot be scored becomes a per-item error of the plan."""
+        window, stride = self.score_window(window, stride)
+        return plan_scores(items, self.eot_token_id, window, stride, lambda ids: self.validate_prompt(ids, 0))
+
+    def score(self, items: ScoreItems, window: int | None = None,
+              stride: int | None = None, keep_token_logprobs: bool = False,
+              on_finished: Callable[[RequestOutput], None] | None = None) -> list[ScoreOutput]:
+        """Scores every text synchronously (stepping this engine); raises :class:`ScoreItemError` for the
+        first text that cannot be scored, before any compute."""
+        return self.run_score_plan(self.plan_scores(items, window, stride), keep_token_logprobs, on_finished)
+
+    def run_score_plan(self, plan: ScorePlan, keep_token_logprobs: bool = False,
+                       on_finished: Callable[[RequestOutput], None] | None = None) -> list[ScoreOutput]:
+        """Runs the plan's window requests; the texts' metrics in item order. Raises
+        :class:`ScoreItemError` first if the plan holds a text that cannot be scored."""
+        plan.raise_first_error()
+        window_params = SamplingParams(max_tokens=1)
+        windows = plan.requests()
+        request_ids = [self.add_request(w.token_ids, window_params, prefill_only=True, logprob_start=w.logprob_start)
+                       for w in windows]
+        try:
+            finals = self.run_until_finished(request_ids, on_finished)
+        except RequestFailedError as exc:
+            item = windows[request_ids.index(exc.request_id)].item
+            raise RequestFailedError(exc.request_id, f"text {item}: {exc}") from None
+        results = plan.assemble([finals[request_id].prompt_logprobs for request_id in request_ids],
+                                keep_token_logprobs)
+        return [results[item] for item in range(plan.num_items)]
+
+    def run_until_finished(self, request_ids: Collection[str],
+                           on_finished: Callable[[RequestOutput], None] | None = None) -> dict[str, RequestOutput]:
+        """Steps until every one of ``request_ids`` finished; their final outputs by id. If one of them
+        fails (:class:`RequestFailedError`), a step raises or the caller is interrupted, all the others
+        are aborted first."""
+        wanted = set(request_ids)
+        finals: dict[str, RequestOutput] = {}
+        try:
+            while len(finals) < len(wanted):
+                for output in self.step():
+                    if output.finished and output.request_id in wanted:
+                        if output.error is not None:
+                            raise RequestFailedError(output.request_id, output.error)
+                        finals[output.request_id] = output
+                        if on_finished is not None:
+                            on_finished(output)
+        except BaseException:
+            for request_id in wanted:
+                self.abort(request_id)
+            raise
+        return finals
+
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     prompt: str | None = None, prefill_only: bool = False,
                     logprob_start: int | None = None) -> str:
@@ -157,6 +229,9 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stops a request now and frees its KV blocks. Returns False if it is unknown or already done."""
+        if self._suspects.pop(request_id, None) is not None:
+            self.num_aborted += 1
+            return True
         state = self.requests.pop(request_id, None)
         if state is None:
             return False
@@ -167,21 +242,45 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        return self.scheduler.has_unfinished() or bool(self._suspects)
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and runs one forward pass; returns the requests that changed.
+
+        A failure that belongs to one request (building its inputs, its part of a failed forward pass,
+        recording its logprobs, detokenizing, stop checks, its output) finishes that request with
+        ``error`` set and the step goes on for the others. What cannot be pinned on a request raises:
+        the engine itself is broken.
+        """
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
-        step_output = self.executor.execute(self._build_step(scheduled))
+            self._blame_suspects()  # nothing else will run to tell a broken engine from a bad request
+            return self._take_failed()
+        steps: list[SequenceStep] = []
+        for item in scheduled:
+            entry = self._seq_to_request.get(item.seq.seq_id)
+            try:
+                steps.append(self._sequence_step(item))
+            except Exception as exc:
+                if entry is None:
+                    raise
+                self._fail_request(entry[0], exc)
+        runnable = [step for step in steps if step.seq_id in self._seq_to_request]
+        step_output = self._execute(runnable) if runnable else StepOutput()
+        for item in scheduled:
+            entry = self._seq_to_request.get(item.seq.seq_id)
+            if entry is None:
+                continue
+            try:
+                self._record_prompt_logprobs(item, step_output)
+            except Exception as exc:
+                self._fail_request(entry[0], exc)
+        ran = {step.seq_id for step in runnable}
+        scheduled = [item for item in scheduled if item.seq.seq_id in ran]
         sampled = {seq_id: r.token_id for seq_id, r in step_output.samples.items()}
-        self._record_prompt_logprobs(scheduled, step_output)
-        self.num_generated_tokens += sum(1 for item in scheduled if item.completes_prompt and not item.seq.prefill_only)
+        self.num_generated_tokens += sum(1 for item in scheduled if item.completes_prompt and not item.seq.prefill_only
+                                         and item.seq.seq_id in self._seq_to_request)
         changed = self.scheduler.update(scheduled, sampled)
         touched: dict[str, _RequestState] = {}
         now = time.monotonic()
@@ -190,73 +289,162 @@ class LLMEngine:
             if entry is None:
                 continue
             state, sample = entry
-            if state.first_token_time is None and not seq.prefill_only:
-                state.first_token_time = now
-            if not seq.prefill_only and seq.num_output_tokens and seq.seq_id in step_output.samples:
-                self._on_new_token(state, sample, step_output.samples[seq.seq_id])
+            try:
+                if state.first_token_time is None and not seq.prefill_only:
+                    state.first_token_time = now
+                if not seq.prefill_only and seq.num_output_tokens and seq.seq_id in step_output.samples:
+                    self._on_new_token(state, sample, step_output.samples[seq.seq_id])
+            except Exception as exc:
+                self._fail_request(state, exc)
+                continue
             touched[state.request_id] = state
-        outputs = [self._make_output(state) for state in touched.values()]
+        outputs = []
+        for state in touched.values():
+            if state.request_id not in self.requests:
+                continue  # failed after it was touched (another of its samples)
+            try:
+                outputs.append(self._make_output(state))
+            except Exception as exc:
+                self._fail_request(state, exc)
         for output in outputs:
             if output.finished:
                 state = self.requests.pop(output.request_id)
                 for sample in state.samples:
                     self._seq_to_request.pop(sample.seq.seq_id, None)
-        return outputs
+        return outputs + self._take_failed()
 
-    def _build_step(self, scheduled: list[ScheduledSequence]) -> StepInput:
-        steps = []
-        for item in scheduled:
-            seq = item.seq
-            start = seq.num_computed_tokens
-            step = SequenceStep(seq.seq_id, seq.token_ids[start:start + item.num_new_tokens], start,
-                                list(seq.block_table))
-            if item.completes_prompt and not seq.prefill_only:
-                step.sampling = self._sampling_row(seq)
-            if seq.logprob_start is not None:
-                first = max(start, seq.logprob_start - 1)
-                end = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
-                if end > first:
-                    step.first_logprob_row = first - start
-                    step.logprob_targets = seq.token_ids[first + 1:end + 1]
-                    step.num_top_logprobs = seq.params.prompt_logprobs or 0
-            steps.append(step)
-        return StepInput(steps)
+    def _execute(self, steps: list[SequenceStep]) -> StepOutput:
+        """One forward pass. If it fails, the step is split by request and rerun in halves (bisection:
+        a few extra passes find the faulty request among many); requests that fail alone fail, the
+        others' results are kept. If every request of a batch of several fails alone, or a lone request
+        fails again while an earlier lone failure is still unexplained, the engine is broken and the
+        first error is raised."""
+        try:
+            step_output = self.executor.execute(StepInput(steps))
+        except Exception as exc:
+            first_error = exc
+        else:
+            self._blame_suspects()  # the engine works without them
+            return step_output
+        by_request: dict[str, list[SequenceStep]] = {}
+        for step in steps:
+            by_request.setdefault(self._seq_to_request[step.seq_id][0].request_id, []).append(step)
+        logger.warning("a step of %d requests failed (%r); rerunning it split by request", len(by_request),
+                       first_error)
+        merged = StepOutput()
+        failures: list[tuple[_RequestState, Exception]] = []
+        groups = list(by_request.values())
+        if len(groups) == 1:
+            self._run_bisecting(groups, merged, failures)
+        else:
+            self._run_bisecting(groups[:len(groups) // 2], merged, failures)
+            self._run_bisecting(groups[len(groups) // 2:], merged, failures)
+        if len(failures) < len(groups):
+            self._blame_suspects()
+            for failed_state, failure in failures:
+                self._fail_request(failed_state, failure)
+            return merged
+        if len(groups) > 1 or self._suspects:
+            raise first_error
+        # One request, failing alone: it or the engine. Hold its verdict until another forward pass runs.
+        self._fail_request(*failures[0], hold=True)
+        return merged
+
+    def _run_bisecting(self, groups: list[list[SequenceStep]], merged: StepOutput,
+                       failures: list[tuple[_RequestState, Exception]]) -> None:
+        """Runs the groups (one per request) together; on failure, each half on its own, down to single
+        requests, whose failures are collected."""
+        try:
+            output = self.executor.execute(StepInput([step for group in groups for step in group]))
+        except Exception as exc:
+            if len(groups) == 1:
+                failures.append((self._seq_to_request[groups[0][0].seq_id][0], exc))
+                return
+            self._run_bisecting(groups[:len(groups) // 2], merged, failures)
+            self._run_bisecting(groups[len(groups) // 2:], merged, failures)
+            return
+        merged.samples.update(output.samples)
+        merged.prompt_logprobs.update(output.prompt_logprobs)
+
+    def _fail_request(self, state: _RequestState, exc: BaseException, hold: bool = False) -> None:
+        """Ends a request that failed on its own: frees its blocks and queues its error output (or, with
+        ``hold``, keeps it as a suspect until the engine is shown to work without it)."""
+        if self.requests.pop(state.request_id, None) is None:
+            return
+        logger.warning("request %s failed: %r", state.request_id, exc)
+        for sample in state.samples:
+            self.scheduler.finish(sample.seq, "abort")
+            self._seq_to_request.pop(sample.seq.seq_id, None)
+        output = RequestOutput(
+            state.request_id, state.prompt, state.prompt_token_ids,
+            [CompletionOutput(index=s.seq.sample_index, text="", token_ids=list(s.seq.output_token_ids),
+                              finish_reason="abort") for s in state.samples],
+            finished=True, error=f"{type(exc).__name__}: {exc}")
+        if hold:
+            self._suspects[state.request_id] = output
+        else:
+            self._failed.append(output)
+            self.num_failed += 1
+
+    def _blame_suspects(self) -> None:
+        """The held failures were the requests' own: release them as failed outputs."""
+        self._failed.extend(self._suspects.values())
+        self.num_failed += len(self._suspects)
+        self._suspects.clear()
+
+    def _take_failed(self) -> list[RequestOutput]:
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _sequence_step(self, item: ScheduledSequence) -> SequenceStep:
+        seq = item.seq
+        start = seq.num_computed_tokens
+        step = SequenceStep(seq.seq_id, seq.token_ids[start:start + item.num_new_tokens], start,
+                            list(seq.block_table))
+        if item.completes_prompt and not seq.prefill_only:
+            step.sampling = self._sampling_row(seq)
+        if seq.logprob_start is not None:
+            first = max(start, seq.logprob_start - 1)
+            end = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+            if end > first:
+                step.first_logprob_row = first - start
+                step.logprob_targets = seq.token_ids[first + 1:end + 1]
+                step.num_top_logprobs = seq.params.prompt_logprobs or 0
+        return step
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.scheduler.eos_token_ids))
-        row = SamplingRow(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                          min_p=params.min_p, repetition_penalty=params.repetition_penalty,
-                          presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                          seed=seq.seed, output_position=seq.num_output_tokens, num_logprobs=params.logprobs,
-                          banned_token_ids=banned)
+        row = SamplingRow(**dict(zip(SAMPLING_KNOBS, _read_knobs(params))), seed=seq.seed,
+                          output_position=seq.num_output_tokens, banned_token_ids=banned)
         if row.needs_history:  # token history only travels when a penalty needs it
             row.output_token_ids = seq.output_token_ids
             if params.repetition_penalty != 1.0:
                 row.prompt_token_ids = seq.token_ids[:seq.num_prompt_tokens]
         return row
 
-    def _record_prompt_logprobs(self, scheduled: list[ScheduledSequence], step_output: StepOutput) -> None:
-        for item in scheduled:
-            result = step_output.prompt_logprobs.get(item.seq.seq_id)
-            entry = self._seq_to_request.get(item.seq.seq_id)
-            if result is None or entry is None:
-                continue
-            state, _ = entry
-            seq = item.seq
-            first_position = max(seq.num_computed_tokens, seq.logprob_start - 1) + 1  # position of first target
-            for k, logprob in enumerate(result.logprobs):
-                position = first_position + k
-                entry_dict = {seq.token_ids[position]: logprob}
-                if result.top_logprobs is not None:
-                    entry_dict.update((t, lp) for t, lp in result.top_logprobs[k] if t not in entry_dict)
-                state.prompt_logprobs[position] = entry_dict
+    def _record_prompt_logprobs(self, item: ScheduledSequence, step_output: StepOutput) -> None:
+        result = step_output.prompt_logprobs.get(item.seq.seq_id)
+        entry = self._seq_to_request.get(item.seq.seq_id)
+        seq = item.seq
+        if result is None or entry is None or seq.logprob_start is None or entry[0].prompt_logprobs is None:
+            return
+        recorded = entry[0].prompt_logprobs
+        first_position = max(seq.num_computed_tokens, seq.logprob_start - 1) + 1  # position of first target
+        for k, logprob in enumerate(result.logprobs):
+            position = first_position + k
+            entry_dict = {seq.token_ids[position]: logprob}
+            if result.top_logprobs is not None:
+                entry_dict.update((t, lp) for t, lp in result.top_logprobs[k] if t not in entry_dict)
+            recorded[position] = entry_dict
 
-    def _on_new_token(self, state: _RequestState, sample: _SampleState, result) -> None:
+    def _on_new_token(self, state: _RequestState, sample: _SampleState, result: SampleResult) -> None:
         seq = sample.seq
         token = seq.token_ids[-1]
+        detokenizer = sample.detokenizer
+        assert detokenizer is not None  # only prefill-only sequences have none, and they get no tokens
         if sample.logprobs is not None and result.logprob is not None:
             entry = {token: result.logprob}
             entry.update((t, lp) for t, lp in (result.top_logprobs or []) if t not in entry)
@@ -266,9 +454,9 @@ class LLMEngine:
         if ended_by_token:
             sample.stop_reason = token if token in state.params.stop_token_ids else None
         if not ended_by_token or state.params.include_stop_str_in_output:
-            sample.text += sample.detokenizer.add_token(token)
+            sample.text += detokenizer.add_token(token)
         if seq.is_finished:
-            sample.text += sample.detokenizer.flush()
+            sample.text += detokenizer.flush()
         stops = state.params.stop
         if stops and not ended_by_token:
             self._check_stop_strings(state, sample)
@@ -328,7 +516,7 @@ class LLMEngine:
                 "prefix_cache_queried_blocks": self.block_manager.prefix_cache_queries,
                 "kv_cache_usage": self.block_manager.usage, "num_waiting": self.scheduler.num_waiting,
                 "num_running": len(self.scheduler.running), "generated_tokens": self.num_generated_tokens,
-                "aborted_requests": self.num_aborted}
+                "aborted_requests": self.num_aborted, "failed_requests": self.num_failed}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -12,17 +12,18 @@ chunks so long documents never materialize full-vocabulary logits for all their 
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from neox_ray.config import ModelConfig
+from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
 from neox_ray.engine.engine_config import EngineConfig
-from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
+from neox_ray.kernels import cpu_paged_attention
 from neox_ray.layers.attention import AttentionMetadata, resolve_backend
 from neox_ray.layers.cpu_gemm import packing_supported
-from neox_ray.kernels import cpu_paged_attention
 from neox_ray.loader import load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -140,13 +141,13 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=device), meta)
 
         output = StepOutput()
-        sampling_rows = [(i, s) for i, s in enumerate(step.sequences) if s.sampling is not None]
+        sampling_rows = [(i, s.seq_id, s.sampling) for i, s in enumerate(step.sequences) if s.sampling is not None]
         if sampling_rows:
-            last_rows = torch.tensor([starts[i + 1] - 1 for i, _ in sampling_rows], device=device)
+            last_rows = torch.tensor([starts[i + 1] - 1 for i, _, _ in sampling_rows], device=device)
             logits = self.model.compute_logits(hidden[last_rows])
             if tp_rank() == 0:
-                results = self.sampler(logits, [s.sampling for _, s in sampling_rows])
-                output.samples = {s.seq_id: r for (_, s), r in zip(sampling_rows, results)}
+                results = self.sampler(logits, [sampling for _, _, sampling in sampling_rows])
+                output.samples = {seq_id: r for (_, seq_id, _), r in zip(sampling_rows, results, strict=True)}
         for i, seq in enumerate(step.sequences):
             if seq.logprob_targets:
                 first = starts[i] + seq.first_logprob_row
@@ -166,6 +167,7 @@ class ModelRunner:
             logprobs.extend(log_softmax.gather(1, target_tensor[chunk].unsqueeze(1)).squeeze(1).tolist())
             if top is not None:
                 values, ids = log_softmax.topk(top_k, dim=-1)
-                top.extend(list(zip(r_ids, r_vals)) for r_ids, r_vals in zip(ids.tolist(), values.tolist()))
+                top.extend(list(zip(r_ids, r_vals, strict=True))
+                           for r_ids, r_vals in zip(ids.tolist(), values.tolist(), strict=True))
         return TokenLogprobs(logprobs, top)
 

@@ -31,6 +31,8 @@ class RequestOutput:
     # One entry per prompt token (the first is None): {token_id: logprob} for the actual token + top-k.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # Set (with finished=True) when the engine failed this request alone; the others keep running.
+    error: str | None = None
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Turns one step's logits into tokens: penalties, temperature, top-k / top-p / min-p, seeded sampling.
 
-Reproducibility: a request with a seed draws its randomness from a generator seeded with
+Reproducibility: a request with a seed draws its randomness from a generator seeded with a 63-bit hash of
 ``(seed, output position)`` and used by that row alone, so its tokens do not depend on the rest of the
-batch, its position in it, preemption, or the run. Sampling is the exponential race
-``argmax(p / q), q ~ Exp(1)``, which draws exactly from ``p`` with one vector of noise per row.
+batch, its position in it, preemption, or the run; any seed in [0, 2**64) (and the per-sample seeds
+derived from it) works. Sampling is the exponential race ``argmax(p / q), q ~ Exp(1)``, which draws
+exactly from ``p`` with one vector of noise per row. A temperature below ``GREEDY_TEMPERATURE`` is greedy
+(dividing logits by it would overflow), and a ``top_k`` at or above the vocabulary size is no filter.
 
 Returned logprobs are those of the model's raw distribution (log-softmax of the logits before
 penalties, temperature and filters), as vLLM returns by default.
@@ -15,7 +17,22 @@ import torch
 
 from neox_ray.engine.step import SampleResult, SamplingRow
 
-_SEED_STRIDE = 1_000_003  # spreads (seed, position) pairs over distinct generator seeds
+GREEDY_TEMPERATURE = 1e-5
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """splitmix64's finalizer: a bijection on 64-bit integers that spreads every input bit."""
+    value &= _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def generator_seed(seed: int, position: int) -> int:
+    """The torch generator seed of one (seed, output position): 63 bits, inside manual_seed's range."""
+    folded = _mix64(seed) ^ _mix64(seed >> 64)  # seeds past 64 bits (per-sample offsets) still count
+    return _mix64(folded ^ _mix64(position + 0x9E3779B97F4A7C15)) >> 1
 
 
 class Sampler:
@@ -31,14 +48,14 @@ class Sampler:
         """logits: (rows, vocab) float32 on any device."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(rows)} sampling rows")
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.num_logprobs is not None for r in rows) else None
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.logprobs is not None for r in rows) else None
         if any(r.needs_history or r.banned_token_ids for r in rows):
             logits = logits.clone()  # penalties and bans edit in place; the caller's logits stay intact
         self._apply_penalties(logits, rows)
         for i, row in enumerate(rows):
             if row.banned_token_ids:
                 logits[i, [t for t in row.banned_token_ids if t < logits.shape[1]]] = float("-inf")
-        greedy = torch.tensor([r.temperature == 0.0 for r in rows], device=logits.device)
+        greedy = torch.tensor([r.temperature < GREEDY_TEMPERATURE for r in rows], device=logits.device)
         tokens = logits.argmax(dim=-1)
         if not bool(greedy.all()):
             tokens = torch.where(greedy, tokens, self._sample(logits, rows, greedy))
@@ -46,10 +63,10 @@ class Sampler:
         results = []
         for i, (row, token) in enumerate(zip(rows, token_list)):
             result = SampleResult(token)
-            if row.num_logprobs is not None and raw_logprobs is not None:
+            if row.logprobs is not None and raw_logprobs is not None:
                 result.logprob = float(raw_logprobs[i, token])
-                if row.num_logprobs > 0:
-                    values, ids = raw_logprobs[i].topk(row.num_logprobs)
+                if row.logprobs > 0:
+                    values, ids = raw_logprobs[i].topk(min(row.logprobs, raw_logprobs.shape[1]))
                     result.top_logprobs = list(zip(ids.tolist(), values.tolist()))
                 else:
                     result.top_logprobs = []
@@ -75,10 +92,11 @@ class Sampler:
                 logits[i] -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: torch.Tensor) -> torch.Tensor:
-        temperatures = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows],
+        temperatures = torch.tensor([r.temperature if r.temperature >= GREEDY_TEMPERATURE else 1.0 for r in rows],
                                     device=logits.device).unsqueeze(1)
         logits = logits / temperatures
-        if any(r.top_k > 0 or r.top_p < 1.0 for r in rows):
+        vocab = logits.shape[1]
+        if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in rows):
             logits = self._top_k_top_p(logits, rows)
         probs = logits.softmax(dim=-1)
         if any(r.min_p > 0 for r in rows):
@@ -91,7 +109,7 @@ class Sampler:
                 continue
             generator = self.generator
             if row.seed is not None:
-                generator = torch.Generator().manual_seed(row.seed * _SEED_STRIDE + row.output_position)
+                generator = torch.Generator().manual_seed(generator_seed(row.seed, row.output_position))
             noise[i] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(probs.device)
         return (probs / noise).argmax(dim=-1)
 
@@ -100,7 +118,8 @@ class Sampler:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[1]
         positions = torch.arange(vocab, device=logits.device).unsqueeze(0)
-        top_k = torch.tensor([r.top_k if r.top_k > 0 else vocab for r in rows], device=logits.device).unsqueeze(1)
+        top_k = torch.tensor([min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows],
+                             device=logits.device).unsqueeze(1)
         remove = positions >= top_k
         top_p = torch.tensor([r.top_p for r in rows], device=logits.device).unsqueeze(1)
         cumulative = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1).cumsum(dim=-1)

@@ -1,17 +1,25 @@
-"""Perplexity scoring arithmetic: sliding-window plans and lm-eval's per-text metrics. Pure Python.
+"""Perplexity scoring arithmetic: sliding-window plans, the fan-out of texts into prefill-only window
+requests and the assembly of their prompt logprobs into lm-eval's per-text metrics. Pure Python.
 
 A text of N tokens is scored as ``[eot] + tokens`` so its first token is conditioned on the end-of-text
 token (lm-eval's rolling loglikelihood) and all N tokens are scored. Texts longer than the window use the
 transformers perplexity-guide recipe: windows start every ``stride`` tokens, each scores only the tokens
 the previous window did not, so every token is scored exactly once with as much left context as the
 window allows.
+
+:func:`plan_scores` turns a list of texts into a :class:`ScorePlan` (the window requests of every text, in
+order, plus a per-item error for texts that cannot be scored); :meth:`ScorePlan.assemble` turns the
+finished windows back into :class:`ScoreOutput` s. Running the requests is the engine's
+(:meth:`LLMEngine.score`, :meth:`AsyncLLMEngine.score`); mapping item errors onto an exception, an HTTP
+400 or an error row is the caller's.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from neox_ray.engine.outputs import ScoreOutput
 
@@ -94,3 +102,69 @@ def make_score_task(text: str | None, token_ids: list[int], eot_token_id: int, w
         raise ValueError("text is empty (no tokens to score)")
     full = [eot_token_id] + list(token_ids)
     return ScoreTask(text or "", full, plan_windows(len(token_ids), window, stride))
+
+
+# The texts of one scoring call: (text, token ids); the text counts bytes and words, the ids are scored.
+ScoreItems = Sequence[tuple[str | None, list[int]]]
+
+
+class ScoreItemError(ValueError):
+    """Item ``index`` of a scoring call cannot be scored; ``message`` says why (without the index)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"text {index}: {message}")
+        self.index = index
+        self.message = message
+
+
+@dataclass(frozen=True)
+class WindowRequest:
+    """One prefill-only engine request: the logprob of every token of ``token_ids`` from ``logprob_start``."""
+    item: int                   # which text it belongs to
+    token_ids: list[int]
+    logprob_start: int
+
+
+@dataclass
+class ScorePlan:
+    """Texts to score, fanned out into window requests (text by text, window by window)."""
+    num_items: int
+    tasks: dict[int, ScoreTask] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)       # item -> why it cannot be scored
+
+    def raise_first_error(self) -> None:
+        if self.errors:
+            index = min(self.errors)
+            raise ScoreItemError(index, self.errors[index])
+
+    def requests(self) -> list[WindowRequest]:
+        return [WindowRequest(item, token_ids, start) for item in sorted(self.tasks)
+                for token_ids, start in self.tasks[item].requests()]
+
+    def assemble(self, window_prompt_logprobs: Sequence[list[dict[int, float] | None] | None],
+                 keep_token_logprobs: bool) -> dict[int, ScoreOutput]:
+        """The prompt logprobs of every request of :meth:`requests`, in that order -> item -> metrics."""
+        results, position = {}, 0
+        for item in sorted(self.tasks):
+            task = self.tasks[item]
+            windows = window_prompt_logprobs[position:position + len(task.windows)]
+            position += len(task.windows)
+            results[item] = task.finish([w or [] for w in windows], keep_token_logprobs)
+        return results
+
+
+def plan_scores(items: ScoreItems, eot_token_id: int, window: int, stride: int,
+                check_request: Callable[[list[int]], None]) -> ScorePlan:
+    """``items`` are (text, token ids); ``check_request`` raises ValueError for a window the engine cannot
+    run. A text that cannot be scored becomes an entry of ``errors`` instead of a task."""
+    plan = ScorePlan(len(items))
+    for index, (text, token_ids) in enumerate(items):
+        try:
+            task = make_score_task(text, token_ids, eot_token_id, window, stride)
+            for window_ids, _ in task.requests():
+                check_request(window_ids)
+        except ValueError as exc:
+            plan.errors[index] = str(exc)
+            continue
+        plan.tasks[index] = task
+    return plan

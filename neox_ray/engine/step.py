@@ -7,11 +7,13 @@ comes back (from rank 0): sampled tokens and requested logprobs, keyed by sequen
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
 class SamplingRow:
+    """One sequence's sampling for one step. The knobs carry :class:`SamplingParams`' field names and are
+    copied from the request's params by name (``SAMPLING_KNOBS``); the rest is per sequence and step."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -19,9 +21,9 @@ class SamplingRow:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    logprobs: int | None = None                    # top logprobs to return (None: no logprobs at all)
+    seed: int | None = None                        # the sample's own seed (derived from the request's)
     output_position: int = 0                       # index of the token being sampled among the outputs
-    num_logprobs: int | None = None
     prompt_token_ids: list[int] = field(default_factory=list)  # only sent when repetition_penalty != 1
     output_token_ids: list[int] = field(default_factory=list)  # only sent when any penalty is active
     banned_token_ids: list[int] = field(default_factory=list)  # eos / stop ids while below min_tokens
@@ -29,6 +31,12 @@ class SamplingRow:
     @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+# SamplingRow fields set per sequence and step; every other field is a SamplingParams field of the same name.
+PER_SEQUENCE_FIELDS = frozenset({"seed", "output_position", "prompt_token_ids", "output_token_ids",
+                                 "banned_token_ids"})
+SAMPLING_KNOBS = tuple(f.name for f in fields(SamplingRow) if f.name not in PER_SEQUENCE_FIELDS)
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("NEOX_RAY_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None

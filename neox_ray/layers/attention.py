@@ -26,6 +26,7 @@ owns (block manager), and building the metadata tensors (model runner).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from torch import nn
 from neox_ray.kernels import cpu_paged_attention
 
 try:  # optional GPU extra; absent on CPU machines
-    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore[import-not-found]
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
     FLASH_ATTN_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_varlen_func = flash_attn_with_kvcache = None
@@ -79,18 +80,18 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = field(init=False, default=None)
     decode_path: str = field(init=False, default="views")
     decode_block_tables: torch.Tensor | None = field(init=False, default=None)  # kernel path: (decodes, blocks)
-    decode_groups: list["DecodeGroup"] = field(init=False, default_factory=list)
+    decode_groups: list[DecodeGroup] = field(init=False, default_factory=list)
     # CPU path: per decode sequence, its context as runs of consecutive cache slots (start, length).
     decode_runs: list[list[tuple[int, int]]] | None = field(init=False, default=None)
     token_sequence_lens: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        query_lens = [b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:])]
+        query_lens = [b - a for a, b in itertools.pairwise(self.query_start_loc)]
         self.prefill_seqs = [i for i, n in enumerate(query_lens) if n > 1]
         self.decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
 
     def to(self, device: torch.device, block_size: int | None = None,
-           decode_path: str = "auto") -> "AttentionMetadata":
+           decode_path: str = "auto") -> AttentionMetadata:
         """Builds the derived index tensors once per step, on the model's device (shared by all layers).
         ``decode_path``: ``kernel`` (the C paged kernel: best on CPU), ``views`` (per sequence, reading
         consecutive blocks in place), ``grouped`` (length-sorted groups gathered into padded batches: best
@@ -121,7 +122,7 @@ class AttentionMetadata:
         return self
 
     @classmethod
-    def for_plain_forward(cls, seq_lens: list[int], device: torch.device) -> "AttentionMetadata":
+    def for_plain_forward(cls, seq_lens: list[int], device: torch.device) -> AttentionMetadata:
         """A batch of whole sequences attended without any cache (used by tests and reference forwards)."""
         starts = [0]
         for n in seq_lens:
@@ -158,12 +159,14 @@ class Attention(nn.Module):
             if context_len == end - start:  # nothing cached before this step: attend to the new tokens
                 k, v, mask = key[start:end], value[start:end], None
             else:
+                assert meta.block_tables is not None  # AttentionMetadata.to() requires them for cached context
                 k, v = self._gather_context(meta.block_tables[i], context_len)
                 mask = _causal_mask_with_offset(end - start, context_len, query.device)
             output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              mask, causal=mask is None)[0]
         if meta.decode_path == "kernel" and meta.decode_seqs:
-            key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+            key_cache, value_cache = self._cache()[0], self._cache()[1]
             output[meta.decode_token_index] = cpu_paged_attention.decode_attention(
                 query[meta.decode_token_index], key_cache, value_cache, meta.decode_block_tables,
                 meta.decode_context_lens, self.scale)
@@ -172,22 +175,30 @@ class Attention(nn.Module):
         for group in meta.decode_groups:
             # Gather each group's context blocks into (B, blocks * block_size, heads, dim); groups hold
             # sequences of similar length so little of the gather is padding.
-            kv = self.kv_cache[:, group.block_tables].flatten(2, 3)
+            kv = self._cache()[:, group.block_tables].flatten(2, 3)
             out = self._attend(query[group.token_index].unsqueeze(1), kv[0], kv[1], group.mask, causal=False)
             output[group.token_index] = out[:, 0]
         return output
+
+    def _cache(self) -> torch.Tensor:
+        """The paged KV cache; reading cached context before the model runner allocated it is a bug."""
+        if self.kv_cache is None:
+            raise RuntimeError("attention reads cached context but no KV cache is allocated")
+        return self.kv_cache
 
     def _decode_from_views(self, query: torch.Tensor, meta: AttentionMetadata, output: torch.Tensor) -> None:
         """CPU decode: each sequence attends to its cache slots read as views (no gather) when its blocks
         are consecutive, which the block manager arranges; otherwise only its own runs are concatenated.
         Memory-bound on CPU, so avoiding the padded gather is what matters."""
         # (heads, slots, head_dim) views of the whole cache: a sequence's context is a slice of them.
-        keys = self.kv_cache[0].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
-        values = self.kv_cache[1].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        cache = self._cache()
+        keys = cache[0].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        values = cache[1].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
         queries = query.unsqueeze(2)  # (tokens, heads, 1, head_dim)
         outputs = []
         rows = [meta.query_start_loc[i] for i in meta.decode_seqs]
-        for row, runs in zip(rows, meta.decode_runs):
+        assert meta.decode_runs is not None
+        for row, runs in zip(rows, meta.decode_runs, strict=True):
             if len(runs) == 1:
                 start, length = runs[0]
                 k, v = keys[:, start:start + length], values[:, start:start + length]
@@ -204,10 +215,11 @@ class Attention(nn.Module):
         output[meta.decode_token_index] = torch.stack(outputs)[:, :, 0]
 
     def _gather_context(self, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        block_size = self.kv_cache.shape[2]
+        cache = self._cache()
+        block_size = cache.shape[2]
         blocks = block_table[: -(-context_len // block_size)]
-        k = self.kv_cache[0][blocks].flatten(0, 1)[:context_len]
-        v = self.kv_cache[1][blocks].flatten(0, 1)[:context_len]
+        k = cache[0][blocks].flatten(0, 1)[:context_len]
+        v = cache[1][blocks].flatten(0, 1)[:context_len]
         return k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -228,7 +240,7 @@ class Attention(nn.Module):
     def _flash_attn(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:  # pragma: no cover - needs CUDA + flash-attn
         output = torch.empty_like(query)
-        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        key_cache, value_cache = self._cache()[0], self._cache()[1]
         for i in meta.prefill_seqs:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             if meta.context_lens[i] == end - start:
@@ -237,12 +249,14 @@ class Attention(nn.Module):
                     query[start:end], key[start:end], value[start:end], cu, cu, end - start, end - start,
                     softmax_scale=self.scale, causal=True)
             else:  # chunked prefill or a prefix-cache hit: read the earlier context from the paged cache
+                assert meta.block_tables is not None
                 output[start:end] = flash_attn_with_kvcache(
                     query[start:end].unsqueeze(0), key_cache, value_cache,
                     cache_seqlens=torch.tensor([meta.context_lens[i]], dtype=torch.int32, device=query.device),
                     block_table=meta.block_tables[i: i + 1].to(torch.int32), softmax_scale=self.scale,
                     causal=True)[0]
         if meta.decode_seqs:
+            assert meta.block_tables is not None and meta.decode_context_lens is not None
             index = meta.decode_token_index
             output[index] = flash_attn_with_kvcache(
                 query[index].unsqueeze(1), key_cache, value_cache,
@@ -271,6 +285,7 @@ DECODE_GROUP_MAX_SEQS = 32
 def _group_decodes(meta: AttentionMetadata, block_size: int, device: torch.device) -> list[DecodeGroup]:
     """Sorts decode sequences by context length and cuts them into groups whose longest context needs at
     most ~1.5x the blocks of the shortest, so the padded gather moves little beyond the real context."""
+    assert meta.block_tables is not None  # checked by AttentionMetadata.to()
     order = sorted(meta.decode_seqs, key=lambda i: meta.context_lens[i])
     groups: list[list[int]] = []
     for i in order:

@@ -34,7 +34,7 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packing_supported(dtype: torch.dtype) -> bool:
     """True when this torch build packs and multiplies ``dtype`` weights through oneDNN and the result
     matches ``F.linear`` on a small problem (so an odd build or CPU falls back instead of miscomputing)."""

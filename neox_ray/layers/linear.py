@@ -34,6 +34,7 @@ def sharded_parameter(shape: tuple[int, ...], shard_dim: int | None) -> nn.Param
 class PackableWeight(nn.Module):
     """A layer whose ``weight`` (out_features, in_features) can be swapped for a packed CPU copy."""
 
+    weight: nn.Parameter
     packed_weight: torch.Tensor | None = None
 
     def pack_for_cpu(self, release_original: bool = True) -> None:

@@ -58,7 +58,7 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         return angles.cos(), angles.sin()
 
-    def apply(self, query: torch.Tensor, key: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    def rotate_query_key(self, query: torch.Tensor, key: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """query/key: (tokens, heads, head_dim), rotated on their first rotary_dim dims."""
         cos, sin = cos_sin

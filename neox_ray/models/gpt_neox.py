@@ -50,7 +50,7 @@ class GPTNeoXAttention(nn.Module):
         # Fused rows are laid out (heads, 3, head_dim), not (3, heads, head_dim).
         qkv = qkv.view(-1, self.num_local_heads, 3, self.head_dim)
         query, key, value = qkv.unbind(dim=2)  # each (tokens, local_heads, head_dim)
-        query, key = self.rotary.apply(query, key, rotary_cos_sin)
+        query, key = self.rotary.rotate_query_key(query, key, rotary_cos_sin)
         context = self.attn(query, key.contiguous(), value.contiguous(), meta)
         return self.dense(context.flatten(1))
 
@@ -119,7 +119,7 @@ class GPTNeoXForCausalLM(nn.Module):
 
     @property
     def attention_layers(self) -> list[Attention]:
-        return [layer.attention.attn for layer in self.gpt_neox.layers]
+        return [module for module in self.gpt_neox.modules() if isinstance(module, Attention)]  # layer order
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> hidden states (tokens, hidden)."""

@@ -2,8 +2,9 @@
 
 Flags override the config file (``configs/serve.yaml`` shape: ``http_options`` plus one application
 whose ``args`` are :class:`ServeArgs`); ``--print-config`` prints the resolved Serve config instead of
-launching (it also works as input to ``serve run`` / ``serve deploy``). Everything about serving itself
-is :mod:`neox_ray.serve.deployment`'s.
+launching (it also works as input to ``serve run`` / ``serve deploy``). The engine flags are generated from
+the ``EngineConfig`` fields tagged ``flag``. Everything about serving itself is
+:mod:`neox_ray.serve.deployment`'s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from neox_ray.engine.engine_config import flag_fields
 
 APP_NAME = "neox-ray"
 IMPORT_PATH = "neox_ray.serve.deployment:build_app"
@@ -38,9 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     replicas.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
     parser.add_argument("--max-replicas", type=int)
     parser.add_argument("--target-ongoing-requests", type=float, help="autoscaling target per replica")
-    parser.add_argument("--tensor-parallel-size", type=int, help="GPUs (shard-group workers) per replica")
-    parser.add_argument("--dtype", help="engine dtype (auto, float32, bfloat16, float16)")
-    parser.add_argument("--device", help="engine device (auto, cpu, cuda)")
+    engine = parser.add_argument_group("engine (each replica's; the config's args.engine)")
+    for spec in flag_fields():
+        engine.add_argument(spec.flag, **spec.argparse_options(spec.default))
     parser.add_argument("--max-queued-requests", type=int, help="per replica; beyond it requests get 503")
     parser.add_argument("--request-timeout-s", type=float, help="per request; beyond it requests get 408")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -71,9 +74,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, flag) is not None:
             app_args[flag] = getattr(args, flag)
     engine = app_args.setdefault("engine", {})
-    for flag in ("tensor_parallel_size", "dtype", "device"):
-        if getattr(args, flag) is not None:
-            engine[flag] = getattr(args, flag)
+    for spec in flag_fields():
+        if getattr(args, spec.name, None) is not None:
+            engine[spec.name] = getattr(args, spec.name)
     if not app_args.get("model"):
         raise ValueError("no model: pass --model DIR or set args.model in the config")
     deployment = _deployment_entry(app)

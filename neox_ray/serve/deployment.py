@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -39,7 +39,7 @@ class ServeArgs(BaseModel):
 
     model: str                                  # checkpoint directory, readable on every replica's node
     served_model_name: str | None = None        # the `model` clients send; default: the directory's name
-    engine: dict[str, Any] = {}                 # EngineConfig options: dtype, max_num_seqs, tensor_parallel_size...
+    engine: dict[str, Any] = {}                 # EngineConfig options (validated by it): dtype, max_num_seqs, ...
     max_queued_requests: int | None = 256       # per replica, running + waiting; beyond it: 503 + Retry-After
     request_timeout_s: float | None = 600.0     # per request; beyond it: aborted, 408
     api_key_env: str | None = None              # default: NEOX_RAY_API_KEY if set
@@ -59,6 +59,11 @@ class ServeArgs(BaseModel):
         if value is not None and value <= 0:
             raise ValueError(f"request_timeout_s must be > 0 or null, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _valid_engine(self) -> ServeArgs:
+        self.engine_config()  # a bad value: ValueError naming it; an unknown option: TypeError naming it
+        return self
 
     @property
     def model_name(self) -> str:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from neox_ray.engine.schema import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +93,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"unrecognized request argument supplied: {param}", param)
     if first.get("type") == "missing":
         return bad_request(f"missing required argument: {param}", param)
-    return bad_request(f"invalid value for {param}: {first.get('msg', 'invalid')} (got {first.get('input')!r})",
-                       param)
+    # One short line naming the field, as SamplingParams words it; never the whole input echoed back.
+    loc = tuple(first.get("loc", ()))
+    return bad_request(describe_error({**first, "loc": loc[1:] if loc[:1] == ("body",) else loc}), param)
 
 
 def install_error_handlers(app: FastAPI, on_error: Callable[[Request, int], None] | None = None) -> None:

@@ -1,8 +1,11 @@
 """OpenAI-compatible request schemas and response bodies for the HTTP layer. Pure pydantic, no engine.
 
-Pydantic checks only types and shapes here (a wrong type becomes a 400 naming the field); value ranges
-are :class:`SamplingParams`' job, so the HTTP layer and the batch jobs share one set of rules. Building
-engine requests from these and engine outputs into these lives in :mod:`neox_ray.serve.server`.
+:class:`CompletionRequest` takes its sampling fields (types, defaults, bounds) from
+:class:`~neox_ray.engine.sampling_params.SamplingFields`, so the HTTP layer, the offline API and the batch
+jobs share one set of rules; only OpenAI's own fields are declared here. The request is strict like
+OpenAI's (``"1"`` is not a number) and any violation is a 400 naming the field
+(:mod:`neox_ray.serve.errors`). Building engine requests from these and engine outputs into these lives
+in :mod:`neox_ray.serve.server`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from neox_ray.engine.sampling_params import MAX_TOKENS_LIMIT, SamplingFields
+from neox_ray.engine.schema import StrictModel
+
 # A prompt as OpenAI's legacy completions API accepts it: text, texts, token ids or lists of token ids.
 PromptField = str | list[str] | list[int] | list[list[int]]
 
@@ -21,42 +27,31 @@ PromptField = str | list[str] | list[int] | list[list[int]]
 MIN_LOGPROB = -9999.0
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions``. Unknown fields are rejected (a typo should not silently do nothing)."""
-    model_config = ConfigDict(extra="forbid")
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: OpenAI's fields plus every sampling field (vLLM's names for the extensions).
+    Unknown fields are rejected (a typo should not silently do nothing)."""
 
     model: str
     prompt: PromptField
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # OpenAI's max_tokens default (16) is the engine's; 0 is allowed here with echo=true (score the prompt).
+    max_tokens: int = Field(SamplingFields.model_fields["max_tokens"].default, ge=0, le=MAX_TOKENS_LIMIT,
+                            description="tokens to generate per sample; 0 with echo=true returns the prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
     echo: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     user: str | None = None
     # Accepted for client compatibility only at their neutral values.
     best_of: int | None = None
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
-    # Extensions (vLLM's names).
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
+
+
+# Request fields that are SamplingParams fields (the server copies these into the engine's params).
+SAMPLING_REQUEST_FIELDS = tuple(name for name in CompletionRequest.model_fields if name in SamplingFields.model_fields)
 
 
 class ScoreRequest(BaseModel):

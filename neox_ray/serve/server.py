@@ -1,10 +1,11 @@
 """The OpenAI-compatible FastAPI app over one shared :class:`AsyncLLMEngine`.
 
-Every HTTP request becomes one or more engine requests (one per prompt, or per scoring window) that join
-the engine's running batch; their updates are read back as one stream, turned into OpenAI-shaped bodies
-or server-sent events, and aborted in the engine the moment the HTTP request ends early (client
-disconnect, timeout, error). The limits live here: ``max_queued_requests`` (503 + ``Retry-After``, via
-the engine's own pending count) and ``request_timeout_s`` (408).
+Every HTTP request becomes one or more engine requests (one per prompt; scoring fans out into windows
+inside the engine) that join the engine's running batch. Their updates come back as the engine's merged
+:class:`RequestStream`, which aborts whatever is unfinished the moment the HTTP request ends early
+(client disconnect, timeout, error); here they are turned into OpenAI-shaped bodies or server-sent
+events, and engine errors into HTTP statuses: ``max_queued_requests`` (503 + ``Retry-After``, the
+engine's own pending count), ``request_timeout_s`` (408), a request the engine failed (500).
 
 No Ray import: the same app runs inside a Serve replica (:mod:`neox_ray.serve.deployment`) or in-process.
 Generation, stop strings and detokenization are the engine's; schemas are :mod:`neox_ray.serve.protocol`'s.
@@ -12,7 +13,6 @@ Generation, stop strings and detokenization are the engine's; schemas are :mod:`
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import defaultdict
@@ -22,22 +22,29 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from neox_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from neox_ray.engine.async_engine import (AsyncLLMEngine, DeadlineExceeded, EngineDeadError, EngineRequest,
+                                          QueueFullError, RequestFailedError, RequestStream)
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import ScoreTask, make_score_task
+from neox_ray.engine.schema import SettingsError
+from neox_ray.engine.scoring import ScoreItemError
 from neox_ray.serve.auth import APIKeyChecker
 from neox_ray.serve.errors import (APIError, bad_request, engine_dead, install_error_handlers, param_from_message,
                                    queue_full, request_timeout)
-from neox_ray.serve.metrics import ServerMetrics
+from neox_ray.serve.metrics import ServerMetrics, TokenLatencyObserver
 from neox_ray.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                     ModelCard, ModelList, PromptField, ScoreRequest, ScoreResponse, ScoreResult,
-                                     Usage, clamp_logprob, dump, finite_or_none, new_completion_id, now_s)
+                                     ModelCard, ModelList, PromptField, SAMPLING_REQUEST_FIELDS, ScoreRequest,
+                                     ScoreResponse, ScoreResult, Usage, clamp_logprob, dump, finite_or_none,
+                                     new_completion_id, now_s)
 
-# Request fields a SamplingParams error message may name (see ``param_from_message``).
-SAMPLING_FIELDS = {"n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p",
-                   "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids",
-                   "seed", "logprobs", "include_stop_str_in_output", "ignore_eos"}
+# Request fields copied into the engine's SamplingParams: derived from the schema, never listed here.
+# prompt_logprobs is not one: echo=true with logprobs sets it (the response has no other place for them).
+SAMPLING_FIELDS = frozenset(SAMPLING_REQUEST_FIELDS) - {"prompt_logprobs"}
+
+
+# What the engine raises for one HTTP request's submission or stream; each maps onto an HTTP error.
+EngineError = DeadlineExceeded | EngineDeadError | QueueFullError | RequestFailedError
+ENGINE_ERRORS = (DeadlineExceeded, EngineDeadError, QueueFullError, RequestFailedError)
 
 
 @dataclass
@@ -47,90 +54,10 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
 
 
-class _DeadlinePassed(Exception):
-    pass
-
-
 @dataclass
 class _Prompt:
     text: str | None        # None when given as token ids
     token_ids: list[int]
-
-
-class _RequestGroup:
-    """The engine requests behind one HTTP request, read back as one stream of ``(slot, output)``.
-
-    Submission is all-or-nothing; :meth:`abort_unfinished` (call it in ``finally``) frees the engine
-    slots of anything still running when the HTTP request ends for any reason.
-    """
-
-    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, arrival: float, deadline: float | None):
-        self.engine = engine
-        self.metrics = metrics
-        self.arrival = arrival
-        self.deadline = deadline
-        self._loop = asyncio.get_running_loop()
-        self._updates: asyncio.Queue = asyncio.Queue()
-        self._request_ids: list[str] = []
-        self._unfinished: set[int] = set()
-        self._num_tokens: dict[int, int] = defaultdict(int)
-        self._last_token_time: dict[int, float] = {}
-
-    def submit_all(self, requests: list[tuple[list[int], SamplingParams, dict[str, Any]]]) -> None:
-        try:
-            for token_ids, params, kwargs in requests:
-                slot = len(self._request_ids)
-
-                def sink(output: RequestOutput | None, error: BaseException | None, slot: int = slot) -> None:
-                    self._loop.call_soon_threadsafe(self._updates.put_nowait, (slot, output, error))
-
-                self._request_ids.append(self.engine.submit(token_ids, params, sink, **kwargs))
-                self._unfinished.add(slot)
-        except BaseException:
-            self.abort_unfinished()
-            raise
-
-    async def updates(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        while self._unfinished:
-            timeout = None if self.deadline is None else self.deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                raise _DeadlinePassed()
-            try:
-                slot, output, error = await asyncio.wait_for(self._updates.get(), timeout)
-            except asyncio.TimeoutError:
-                raise _DeadlinePassed() from None
-            if error is not None:
-                self._unfinished.discard(slot)
-                raise error
-            self._observe_latency(slot, output)
-            if output.finished:
-                self._unfinished.discard(slot)
-            yield slot, output
-
-    def _observe_latency(self, slot: int, output: RequestOutput) -> None:
-        tokens = max((len(sample.token_ids) for sample in output.outputs), default=0)
-        new_tokens = tokens - self._num_tokens[slot]
-        if new_tokens <= 0:
-            return
-        now = time.monotonic()
-        if slot not in self._last_token_time:
-            self.metrics.time_to_first_token.observe(now - self.arrival)
-            new_tokens -= 1
-        if new_tokens > 0:  # tokens that arrived together share the gap
-            gap = (now - self._last_token_time.get(slot, now)) / new_tokens
-            for _ in range(new_tokens):
-                self.metrics.inter_token_latency.observe(gap)
-        self._num_tokens[slot] = tokens
-        self._last_token_time[slot] = now
-
-    @property
-    def has_unfinished(self) -> bool:
-        return bool(self._unfinished)
-
-    def abort_unfinished(self) -> None:
-        for slot in self._unfinished:
-            self.engine.abort(self._request_ids[slot])
-        self._unfinished.clear()
 
 
 class _CompletionAssembler:
@@ -273,36 +200,39 @@ class OpenAIServer:
             code = "context_length_exceeded" if "max_model_len" in str(exc) else None
             raise bad_request(f"{where}{exc}", param, code) from None
 
-    def new_group(self, arrival: float) -> _RequestGroup:
+    def deadline(self, arrival: float) -> float | None:
         timeout = self.settings.request_timeout_s
-        return _RequestGroup(self.engine, self.metrics, arrival, None if timeout is None else arrival + timeout)
+        return None if timeout is None else arrival + timeout
 
-    def submit(self, group: _RequestGroup, requests: list[tuple[list[int], SamplingParams, dict[str, Any]]],
-               param: str) -> None:
-        limit = self.engine.max_queued_requests
-        if limit is not None and self.engine.num_pending + len(requests) > limit:
-            raise queue_full(f"{self.engine.num_pending} requests pending, limit {limit}")
+    def engine_error(self, exc: EngineError) -> APIError:
+        """The HTTP error for an engine exception raised by a submission or its stream."""
+        if isinstance(exc, DeadlineExceeded):
+            return request_timeout(self.settings.request_timeout_s or 0.0)
+        if isinstance(exc, EngineDeadError):
+            return engine_dead(str(exc))
+        if isinstance(exc, QueueFullError):
+            return queue_full(str(exc))
+        return APIError(500, f"the engine failed this request: {exc}", error_type="server_error",
+                        code="request_failed")
+
+    def submit(self, requests: list[EngineRequest], arrival: float, param: str) -> RequestStream:
         try:
-            group.submit_all(requests)
-        except QueueFullError as exc:
-            raise queue_full(str(exc)) from None
-        except EngineDeadError as exc:
-            raise engine_dead(str(exc)) from None
+            return self.engine.submit_many(requests, self.deadline(arrival))
         except ValueError as exc:
             raise bad_request(str(exc), param) from None
+        except ENGINE_ERRORS as exc:
+            raise self.engine_error(exc) from None
 
-    async def collect(self, group: _RequestGroup) -> dict[int, RequestOutput]:
+    async def collect(self, stream: RequestStream, observer: TokenLatencyObserver) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
         try:
-            async for slot, output in group.updates():
-                if output.finished:
-                    finals[slot] = output
-        except _DeadlinePassed:
-            raise request_timeout(self.settings.request_timeout_s or 0.0) from None
-        except EngineDeadError as exc:
-            raise engine_dead(str(exc)) from None
-        finally:
-            group.abort_unfinished()
+            async with stream:
+                async for index, output in stream:
+                    observer.observe(index, output)
+                    if output.finished:
+                        finals[index] = output
+        except ENGINE_ERRORS as exc:
+            raise self.engine_error(exc) from None
         return finals
 
     # ---- /v1/completions -----------------------------------------------------------------------------
@@ -316,17 +246,15 @@ class OpenAIServer:
             raise bad_request("suffix is not supported", "suffix")
         if body.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
-        echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        if body.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not a request field; use echo=true with logprobs", "prompt_logprobs")
+        values = {name: getattr(body, name) for name in SAMPLING_FIELDS}
+        values["max_tokens"] = body.max_tokens or 1
+        values["prompt_logprobs"] = body.logprobs if body.echo and body.logprobs is not None else None
         try:
-            return SamplingParams(
-                n=body.n, max_tokens=1 if body.max_tokens == 0 else body.max_tokens, min_tokens=body.min_tokens,
-                temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, stop=body.stop or [],
-                stop_token_ids=body.stop_token_ids or [], include_stop_str_in_output=body.include_stop_str_in_output,
-                ignore_eos=body.ignore_eos, seed=body.seed, logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
-        except ValueError as exc:
-            raise bad_request(str(exc), param_from_message(str(exc), SAMPLING_FIELDS, None)) from None
+            return SamplingParams(**values)
+        except SettingsError as exc:
+            raise bad_request(str(exc), exc.field) from None
 
     async def completions(self, body: CompletionRequest, arrival: float) -> Response:
         self.check_model(body.model)
@@ -338,19 +266,21 @@ class OpenAIServer:
         self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prompts))
         assembler = _CompletionAssembler(self, body, prompts, prefill_only)
         completion_id, created = new_completion_id(), now_s()
-        group = self.new_group(arrival)
+        requests: list[EngineRequest] = []
         if prefill_only and body.logprobs is None:
             pass  # nothing for the engine to compute: the answer is the prompt itself
         elif prefill_only:
             scoring = SamplingParams(max_tokens=1, prompt_logprobs=body.logprobs)
-            self.submit(group, [(p.token_ids, scoring, {"prefill_only": True, "logprob_start": 1}) for p in prompts],
-                        "prompt")
+            requests = [EngineRequest(p.token_ids, scoring, prefill_only=True, logprob_start=1) for p in prompts]
         else:
-            self.submit(group, [(p.token_ids, params, {"prompt": p.text}) for p in prompts], "prompt")
+            requests = [EngineRequest(p.token_ids, params, prompt=p.text) for p in prompts]
+        stream = self.submit(requests, arrival, "prompt")
+        observer = TokenLatencyObserver(self.metrics, arrival)
 
         if body.stream:
-            return await self._stream_completion(body, prompts, group, assembler, completion_id, created, arrival)
-        finals = await self.collect(group)
+            return await self._stream_completion(body, prompts, stream, observer, assembler, completion_id, created,
+                                                 arrival)
+        finals = await self.collect(stream, observer)
         if not finals:  # echo-only
             finals = {slot: _echo_only_output(p) for slot, p in enumerate(prompts)}
         choices = [choice for slot in sorted(finals) for choice in assembler.deltas(slot, finals[slot])]
@@ -368,21 +298,16 @@ class OpenAIServer:
         self.metrics.generation_tokens.inc(assembler.completion_tokens)
         self.metrics.request_latency.observe(time.monotonic() - arrival)
 
-    async def _stream_completion(self, body: CompletionRequest, prompts: list[_Prompt], group: _RequestGroup,
-                                 assembler: _CompletionAssembler, completion_id: str, created: int,
-                                 arrival: float) -> Response:
-        updates = group.updates()
-        if group.has_unfinished:
+    async def _stream_completion(self, body: CompletionRequest, prompts: list[_Prompt], stream: RequestStream,
+                                 observer: TokenLatencyObserver, assembler: _CompletionAssembler,
+                                 completion_id: str, created: int, arrival: float) -> Response:
+        if stream.has_unfinished:
             # The first update decides the status code: errors before it are proper HTTP errors.
             try:
-                first = [await updates.__anext__()]
-            except BaseException as exc:
-                group.abort_unfinished()
-                if isinstance(exc, _DeadlinePassed):
-                    raise request_timeout(self.settings.request_timeout_s or 0.0) from None
-                if isinstance(exc, EngineDeadError):
-                    raise engine_dead(str(exc)) from None
-                raise
+                first = [await stream.__anext__()]
+            except ENGINE_ERRORS as exc:
+                raise self.engine_error(exc) from None
+            observer.observe(*first[0])
         else:
             first = [(slot, _echo_only_output(p)) for slot, p in enumerate(prompts)]
         model = self.settings.served_model_name
@@ -399,7 +324,8 @@ class OpenAIServer:
                     choices = assembler.deltas(slot, output)
                     if choices:
                         yield chunk(choices)
-                async for slot, output in updates:
+                async for slot, output in stream:
+                    observer.observe(slot, output)
                     choices = assembler.deltas(slot, output)
                     if choices:
                         yield chunk(choices)
@@ -410,12 +336,10 @@ class OpenAIServer:
                     yield event(dump(CompletionResponse(id=completion_id, created=created, model=model, choices=[],
                                                         usage=usage)))
                 self._finish_metrics(assembler, arrival)
-            except _DeadlinePassed:  # the status line is already sent: report in-band, as OpenAI does
-                yield event(request_timeout(self.settings.request_timeout_s or 0.0).body())
-            except EngineDeadError as exc:
-                yield event(engine_dead(str(exc)).body())
+            except ENGINE_ERRORS as exc:  # the status line is already sent: report in-band, as OpenAI does
+                yield event(self.engine_error(exc).body())
             finally:
-                group.abort_unfinished()
+                stream.abort_unfinished()  # the client went away, or an error: free the engine slots
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -429,28 +353,22 @@ class OpenAIServer:
         except ValueError as exc:
             raise bad_request(str(exc), param_from_message(str(exc), {"window", "stride"}, "window")) from None
         prompts = self.encode_prompts(body.input, "input")
-        eot = self.llm_engine.eot_token_id
-        tasks: list[ScoreTask] = []
-        requests: list[tuple[list[int], SamplingParams, dict[str, Any]]] = []
-        window_params = SamplingParams(max_tokens=1)
-        for index, prompt in enumerate(prompts):
-            where = f"input[{index}]: " if len(prompts) > 1 else ""
-            if not prompt.token_ids:
-                raise bad_request(f"{where}text is empty (no tokens to score)", "input")
-            task = make_score_task(self.prompt_text(prompt), prompt.token_ids, eot, window, stride)
-            for token_ids, logprob_start in task.requests():
-                self.validate_prompt(_Prompt(None, token_ids), 0, "input", index, len(prompts))
-                requests.append((token_ids, window_params, {"prefill_only": True, "logprob_start": logprob_start}))
-            tasks.append(task)
-        self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prompts))
-        group = self.new_group(arrival)
-        self.submit(group, requests, "input")
-        finals = await self.collect(group)
-        results, slot = [], 0
-        for index, task in enumerate(tasks):
-            window_logprobs = [finals[slot + w].prompt_logprobs for w in range(len(task.windows))]
-            slot += len(task.windows)
-            out = task.finish(window_logprobs, body.return_token_logprobs)
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        try:
+            scores = await self.engine.score([(self.prompt_text(p), p.token_ids) for p in prompts], window, stride,
+                                             body.return_token_logprobs, self.deadline(arrival))
+        except ScoreItemError as exc:
+            where = f"input[{exc.index}]: " if len(prompts) > 1 else ""
+            code = "context_length_exceeded" if "max_model_len" in exc.message else None
+            raise bad_request(f"{where}{exc.message}", "input", code) from None
+        except ValueError as exc:
+            raise bad_request(str(exc), "input") from None
+        except ENGINE_ERRORS as exc:
+            self.metrics.prompt_tokens.inc(prompt_tokens)  # it was accepted, then failed or timed out
+            raise self.engine_error(exc) from None
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        results = []
+        for index, out in enumerate(scores):
             results.append(ScoreResult(
                 index=index, num_tokens=out.num_tokens, nll=finite_or_none(out.nll),
                 perplexity=finite_or_none(out.perplexity), num_bytes=out.num_bytes,
@@ -458,7 +376,6 @@ class OpenAIServer:
                 word_perplexity=finite_or_none(out.word_perplexity),
                 byte_perplexity=finite_or_none(out.byte_perplexity),
                 token_logprobs=None if out.token_logprobs is None else [clamp_logprob(v) for v in out.token_logprobs]))
-        prompt_tokens = sum(len(p.token_ids) for p in prompts)
         self.metrics.request_latency.observe(time.monotonic() - arrival)
         return JSONResponse(dump(ScoreResponse(model=self.settings.served_model_name, data=results,
                                                usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))))
