@@ -90,8 +90,12 @@ def resolve_model(model: str, revision: str | None = None, allow_pickle: bool = 
 
 def _download(ref: ModelRef, allow_pickle: bool) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = [*SIDE_FILES, *WEIGHT_PATTERNS, *(PICKLE_WEIGHT_PATTERNS if allow_pickle else ())]
     where = ref.display

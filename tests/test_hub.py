@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hub_cache import add_to_hub_cache
+
 from neox_ray.hub import ModelNotFoundError, ModelRef, parse_model_ref, resolve_model
 
 
