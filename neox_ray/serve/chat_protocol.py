@@ -29,7 +29,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT,  # type: ignore[assignment]
                                    description="tokens to generate (deprecated by OpenAI for max_completion_tokens)")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    logprobs: bool = False  # type: ignore[assignment]
+    logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
