@@ -71,3 +71,43 @@ def test_missing_id_or_revision_is_one_line(tmp_path: Path, tiny_checkpoint: Pat
         assert result.stdout.startswith("ERROR model "), result.stdout
         assert "HF_HUB_OFFLINE=1" in result.stdout and len(result.stdout.strip().splitlines()) == 1
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture()
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty offline HF cache for this process (huggingface_hub read its env at import: patch its constants)."""
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return hf_home
+
+
+def test_llm_from_hub_id_equals_local_directory(offline_cache: Path, tiny_checkpoint: Path):
+    from neox_ray.engine.sampling_params import SamplingParams
+    from neox_ray.llm import LLM
+
+    add_to_hub_cache(offline_cache, "EleutherAI/pythia-tiny", tiny_checkpoint, revision="step1000")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    local = LLM(str(tiny_checkpoint), dtype="float32").generate("The quick brown fox", params)[0].outputs[0]
+    for kwargs in ({"revision": "step1000"}, {}):
+        model = "EleutherAI/pythia-tiny" if kwargs else "EleutherAI/pythia-tiny@step1000"
+        llm = LLM(model, dtype="float32", **kwargs)
+        assert llm.engine.model_dir.endswith(llm.engine.config.model)
+        assert llm.generate("The quick brown fox", params)[0].outputs[0].token_ids == local.token_ids
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        LLM("EleutherAI/pythia-tiny")  # main was never cached
+
+
+def test_served_model_name_defaults_to_the_id_as_written(tiny_checkpoint: Path):
+    from neox_ray.serve.deployment import ServeArgs
+
+    assert ServeArgs(model="EleutherAI/pythia-160m@step1000").model_name == "EleutherAI/pythia-160m@step1000"
+    assert ServeArgs(model="EleutherAI/pythia-160m", engine={"revision": "step3000"}).model_name == \
+        "EleutherAI/pythia-160m@step3000"
+    assert ServeArgs(model="EleutherAI/pythia-160m").model_name == "EleutherAI/pythia-160m"
+    assert ServeArgs(model=str(tiny_checkpoint)).model_name == tiny_checkpoint.name
+    assert ServeArgs(model="x", served_model_name="mine").model_name == "mine"
