@@ -69,6 +69,11 @@ class ModelConfig:
             return int(self.max_position_embeddings * self.rope.factor)
         return self.max_position_embeddings
 
+    def resolve_max_model_len(self, requested: int | None) -> int:
+        """The context length every surface uses (``LLMEngine``, the batch preflight, the server's
+        ``/v1/models``): the engine's ``max_model_len`` when set, else :attr:`default_max_model_len`."""
+        return requested if requested is not None else self.default_max_model_len
+
     @property
     def eos_token_id(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None

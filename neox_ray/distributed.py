@@ -33,12 +33,6 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: 
     _STATE.rank, _STATE.world_size = rank, world_size
 
 
-def destroy_tensor_parallel() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    _STATE.rank, _STATE.world_size = 0, 1
-
-
 def tp_rank() -> int:
     return _STATE.rank
 

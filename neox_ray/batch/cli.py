@@ -49,7 +49,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--num-replicas", type=int, help="fixed number of engine actors (each one LLM / TP group)")
     pool.add_argument("--min-replicas", type=int, help="autoscaling: fewest engine actors")
     pool.add_argument("--max-replicas", type=int, help="autoscaling: most engine actors")
-    pool.add_argument("--num-cpus-per-replica", type=float, help="CPUs each engine actor reserves (default 1)")
+    pool.add_argument("--num-cpus-per-replica", type=float,
+                      help="CPUs each engine actor reserves (default: a local Ray's CPUs shared by the replicas)")
     pool.add_argument("--num-gpus-per-replica", type=float,
                       help="GPUs each engine actor reserves (default: 1 on a GPU cluster with TP=1, else 0)")
     pool.add_argument("--batch-size", type=int, help="rows per engine call (default 32)")

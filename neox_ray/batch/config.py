@@ -39,7 +39,7 @@ class ReplicaConfig(_Strict):
     num_replicas: int | None = Field(default=None, ge=1, description="fixed pool size")
     min_replicas: int | None = Field(default=None, ge=1, description="autoscaling lower bound")
     max_replicas: int | None = Field(default=None, ge=1, description="autoscaling upper bound")
-    num_cpus: float = Field(default=1.0, ge=0, description="CPUs each engine actor reserves")
+    num_cpus: float | None = Field(default=None, ge=0, description="CPUs per engine actor (None: sized to the cluster)")
     # None: 1 GPU per actor when the cluster has GPUs and TP == 1; 0 when TP > 1 (the shard group's
     # placement-group bundles hold the GPUs, the actor only coordinates).
     num_gpus: float | None = Field(default=None, ge=0)

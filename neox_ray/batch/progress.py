@@ -1,5 +1,6 @@
 """Progress of a running batch job: rows committed / total, generated tokens/s and an ETA, printed every
-few seconds; and the human-readable end-of-job summary. Pure Python.
+few seconds; the human-readable end-of-job summary; and :class:`WaitingNotice`, which says what the job is
+waiting for (e.g. resources a cluster does not have yet) instead of staying silent. Pure Python.
 
 It only counts what the commit stage reports (one small row per committed file), so "done" always means
 "durably written".
@@ -7,7 +8,9 @@ It only counts what the commit stage reports (one small row per committed file),
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -21,8 +24,40 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+logger = logging.getLogger(__name__)
+
+
 def print_to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+class WaitingNotice:
+    """Logs ``"<what>: <reason>"`` at once and every ``interval_s`` (from a daemon thread) while ``reason()``
+    returns one, until :meth:`stop`. ``reason`` returns None when there is nothing to wait for."""
+
+    def __init__(self, what: str, reason: Callable[[], str | None], interval_s: float,
+                 log: Callable[[str], None] = print_to_stderr):
+        self.what, self.reason, self.interval_s, self.log = what, reason, interval_s, log
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="neox-ray-waiting-notice", daemon=True)
+        self._thread.start()
+
+    def _report(self) -> None:
+        try:
+            reason = self.reason()
+        except Exception:  # a notice must never break the job it describes
+            logger.debug("waiting notice check failed", exc_info=True)
+            return
+        if reason:
+            self.log(f"{self.what}: {reason}")
+
+    def _run(self) -> None:
+        self._report()  # here, not in __init__: a check may take seconds and must not hold up the job
+        while not self._stopped.wait(self.interval_s):
+            self._report()
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class ProgressReporter:

@@ -2,7 +2,10 @@
 
 Order matters: everything that can fail because of the user's input (config, checkpoint files, columns,
 ids, output directory of another job) is checked on the driver first; only then does Ray start or
-connect, and only then do engine actors load the model.
+connect. Then what the job reserves (engine actors, their shard groups, the CPU tasks; the policy is
+:mod:`neox_ray.ray.resources`) is compared with what the cluster has: on a Ray the job started, a job that
+cannot fit fails at once naming the resource; on a cluster that may grow (or is busy), it says every
+progress interval what it is waiting for. Only then do engine actors load the model.
 
 The pipeline::
 
@@ -16,6 +19,7 @@ verifies it anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +30,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from neox_ray.batch.config import GenerateJobConfig, JobConfig, ScoreJobConfig
-from neox_ray.batch.progress import ProgressReporter, format_duration, print_to_stderr
+from neox_ray.batch.progress import ProgressReporter, WaitingNotice, format_duration, print_to_stderr
 from neox_ray.batch.sink import OutputDir, commit_block, finalize, finish_empty_input, SUCCESS, SUMMARY
 from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
 from neox_ray.batch.stages import (GENERATION_COLUMNS, INTERNAL_COLUMNS, SCORE_COLUMNS, GenerateEngineStage,
@@ -34,6 +38,7 @@ from neox_ray.batch.stages import (GENERATION_COLUMNS, INTERNAL_COLUMNS, SCORE_C
                                    prepare_generation, prepare_scoring)
 from neox_ray.config import ModelConfig
 from neox_ray.engine.scoring import validate_window
+from neox_ray.ray.resources import BatchResourcePlan, ClusterResources
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ def preflight(config: JobConfig) -> Preflight:
         model_config = ModelConfig.from_pretrained(config.model)
     except ValueError as exc:
         raise JobError(f"model {config.model}: {exc}") from None
-    max_model_len = config.engine_config.max_model_len or model_config.max_position_embeddings
+    max_model_len = model_config.resolve_max_model_len(config.engine_config.max_model_len)
     if isinstance(config, GenerateJobConfig):
         max_tokens = config.sampling_params.max_tokens
         if max_tokens >= max_model_len:
@@ -112,33 +117,77 @@ def connect_ray(config: JobConfig) -> bool:
     return True
 
 
-def engine_resources(config: JobConfig) -> dict[str, float]:
-    """``num_cpus`` / ``num_gpus`` of each engine actor, checked against the cluster so nothing waits forever."""
+def resource_plan(config: JobConfig, started_ray: bool, replicas: int | None = None) -> BatchResourcePlan:
+    """What the engine actors (and their shard groups) and the CPU tasks reserve, from the one policy in
+    :mod:`neox_ray.ray.resources`. On a Ray this job started, CPUs per actor left unset are sized to it."""
+    cluster = ClusterResources.current()
+    try:
+        return BatchResourcePlan.build(
+            config.engine_config, cluster, replicas=replicas or config.replicas.pool_bounds[1],
+            num_cpus=config.replicas.num_cpus, num_gpus=config.replicas.num_gpus,
+            cpu_task_num_cpus=config.cpu_stage_num_cpus, size_to_cluster=started_ray)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+
+
+def check_resources(config: JobConfig, plan: BatchResourcePlan, started_ray: bool,
+                    log: Callable[[str], None]) -> WaitingNotice | None:
+    """Before the pool starts: on a Ray this job started (its size is fixed) a plan that cannot fit is a
+    :class:`JobError` naming the resource; on a cluster that may grow, a notice that logs
+    ``waiting for resources: ...`` every progress interval while the cluster is too small, or while engine
+    actors wait to be placed on a busy one."""
+    must_fit = dataclasses.replace(plan, replicas=min(config.replicas.pool_bounds[0], plan.replicas))
+    if started_ray:
+        shortfall = must_fit.shortfall(ClusterResources.current())
+        if shortfall:
+            raise JobError(shortfall)
+        return None
+
+    def shortfall_now() -> str | None:
+        shortfall = must_fit.shortfall(ClusterResources.current())
+        if shortfall:
+            return f"{shortfall} (the engine actors stay pending until it grows)"
+        return _pending_actors(plan)
+
+    return WaitingNotice("waiting for resources", shortfall_now, config.progress_interval_s, log)
+
+
+def _pending_actors(plan: BatchResourcePlan) -> str | None:
+    """The cluster is big enough but busy: names this job's actors still waiting to be placed. Needs Ray's
+    state API (the dashboard); without it, says nothing."""
     import ray
+    from ray.util.state import list_actors
 
-    engine = config.engine_config
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    num_gpus = config.replicas.num_gpus
-    if engine.device == "cuda" and cluster_gpus == 0:
-        raise JobError("engine.device=cuda but the Ray cluster has no GPUs")
-    if num_gpus is None:
-        num_gpus = 1.0 if engine.tensor_parallel_size == 1 and cluster_gpus > 0 and engine.device != "cpu" else 0.0
-    elif num_gpus > 0 and cluster_gpus == 0:
-        raise JobError(f"replicas.num_gpus={num_gpus} but the Ray cluster has no GPUs (the actors would never start)")
-    resources = {"num_cpus": config.replicas.num_cpus}
-    if num_gpus:
-        resources["num_gpus"] = num_gpus
-    return resources
+    if not ray.is_initialized():  # get_runtime_context() would start a Ray of its own
+        return None
+    try:
+        pending = list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False,
+                              filters=[("state", "=", "PENDING_CREATION"),
+                                       ("job_id", "=", ray.get_runtime_context().get_job_id())], timeout=5)
+    except Exception:  # no dashboard, or an older cluster: the totals check above is all we have
+        logger.debug("cannot list pending actors", exc_info=True)
+        return None
+    # Ray Data hosts each engine-stage actor in a "_MapWorker"; other pending actors of the job are its helpers.
+    engine_actors = [actor for actor in pending if "MapWorker" in (actor.class_name or "")]
+    if not engine_actors:
+        return None
+    free = ray.available_resources()
+    cpus, gpus = plan.actor_options["num_cpus"], plan.actor_options["num_gpus"]
+    need = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + (" + its shard group" if plan.worker_bundles else "")
+    return (f"{len(engine_actors)} engine actor(s) pending; each needs {need}; free now: "
+            f"{free.get('CPU', 0.0):g} CPUs, {free.get('GPU', 0.0):g} GPUs")
 
 
-def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | None, *,
-                   dry_run_rows: int | None = None, output: str | None = None):
+def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | None, actor_options: dict[str, float],
+                   *, dry_run_rows: int | None = None, output: str | None = None):
     """The Ray Data dataset for the job; with ``dry_run_rows`` it stops after the engine (one actor)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     kind = kind_of(config)
     cpu = config.cpu_stage_num_cpus
+    stage: type[GenerateEngineStage] | type[ScoreEngineStage]
+    constructor_kwargs: dict[str, Any]
     source = IdentifiedParquetDatasource(checks.plan, config.rows_per_block, skip_ids)
     ds = ray.data.read_datasource(source.as_ray_datasource(), num_cpus=cpu)
     if dry_run_rows is not None:
@@ -162,7 +211,7 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
         fn_constructor_kwargs=dict(model=config.model, engine_kwargs=config.engine_kwargs, **constructor_kwargs),
         compute=ActorPoolStrategy(min_size=low, max_size=high, max_concurrent_calls_per_actor=calls,
                                   max_tasks_in_flight_per_actor=calls, enable_true_multi_threading=True),
-        **_restart_policy(config), **engine_resources(config))
+        **_restart_policy(config), **actor_options)
     if dry_run_rows is not None:
         return ds
     num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
@@ -196,7 +245,13 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
         started_ray = connect_ray(config)
         try:
             _quiet_ray_data()
-            return dry_run(config, checks, log)
+            plan = resource_plan(config, started_ray, replicas=1)
+            waiting = check_resources(config, plan, started_ray, log)
+            try:
+                return dry_run(config, checks, plan, log)
+            finally:
+                if waiting:
+                    waiting.stop()
         finally:
             _shutdown(started_ray)
 
@@ -216,10 +271,16 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
         _quiet_ray_data()
         progress = ProgressReporter(kind, total, already, config.progress_interval_s, log)
         if already < total:
-            ds = build_pipeline(config, checks, committed, output=config.output)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for stats in batch.to_pylist():
-                    progress.update(stats)
+            plan = resource_plan(config, started_ray)
+            waiting = check_resources(config, plan, started_ray, log)
+            try:
+                ds = build_pipeline(config, checks, committed, plan.actor_options, output=config.output)
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for stats in batch.to_pylist():
+                        progress.update(stats)
+            finally:
+                if waiting:
+                    waiting.stop()
             log(progress.line())
         num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
         return finalize(output, checks.plan, kind, num_samples, progress.run_stats())
@@ -234,12 +295,13 @@ def _shutdown(started_ray: bool) -> None:
         ray.shutdown()
 
 
-def dry_run(config: JobConfig, checks: Preflight, log: Callable[[str], None]) -> dict[str, Any]:
+def dry_run(config: JobConfig, checks: Preflight, plan: BatchResourcePlan,
+            log: Callable[[str], None]) -> dict[str, Any]:
     """Runs N sample rows on one engine replica and projects the wall time of the whole job."""
     kind = kind_of(config)
     rows = min(config.dry_run or 1, checks.plan.total_rows)
     started = time.time()
-    batches = list(build_pipeline(config, checks, None, dry_run_rows=rows)
+    batches = list(build_pipeline(config, checks, None, plan.actor_options, dry_run_rows=rows)
                    .iter_batches(batch_size=None, batch_format="pyarrow"))
     wall = time.time() - started
     spans = [s for s in (engine_span(b) for b in batches) if s is not None]

@@ -88,7 +88,7 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.tokenizer = Tokenizer.from_pretrained(config.model)
-        self.max_model_len = config.max_model_len or self.model_config.default_max_model_len
+        self.max_model_len = self.model_config.resolve_max_model_len(config.max_model_len)
         if self.max_model_len > self.model_config.default_max_model_len:
             logger.warning("max_model_len %d exceeds what the model was trained for (%d positions): expect "
                            "degraded output past that", self.max_model_len, self.model_config.default_max_model_len)

@@ -1,1 +1,2 @@
-"""Ray-specific runtime pieces: the tensor-parallel shard group. Nothing below this package imports Ray."""
+"""Ray-specific runtime pieces: the resource policy (:mod:`.resources`, pure Python) and the tensor-parallel
+shard group. Nothing below this package imports Ray."""

@@ -1,9 +1,10 @@
 """A tensor-parallel shard group on Ray: N worker actors, one per GPU, driven as one engine executor.
 
 ``LLM(..., tensor_parallel_size=N)`` builds a :class:`RayShardGroupExecutor`. It reserves N bundles in one
-``STRICT_PACK`` placement group (one GPU each on GPU clusters, a fractional CPU each on CPU), starts one
-:class:`ShardWorker` per bundle, and joins them in a torch.distributed group (NCCL on GPU, gloo on CPU) on
-a free port chosen by rank 0 at start. Each worker loads only its slices of the checkpoint.
+``STRICT_PACK`` placement group, sized by :mod:`neox_ray.ray.resources` (one GPU each when the engine runs
+on GPUs, none for ``device=cpu`` even on a GPU cluster; ``worker_num_cpus`` CPUs each), starts one
+:class:`ShardWorker` per bundle, and joins them in a torch.distributed group (NCCL when the bundles hold
+GPUs, gloo otherwise) on a free port chosen by rank 0 at start. Each worker loads only its slices of the checkpoint.
 
 The scheduler runs once, on the driver side (whatever process built the ``LLM``: a script, a Ray Data
 actor, a Serve replica). Every step the same :class:`StepInput` goes to all ranks; rank 0's sampled tokens
@@ -18,19 +19,23 @@ the rank within about a second, and the whole group is torn down so a new ``LLM`
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from neox_ray.config import ModelConfig
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.step import StepInput, StepOutput
+from neox_ray.ray.resources import (ClusterResources, shard_group_bundles, shard_worker_options,
+                                    shard_worker_threads)
+
+if TYPE_CHECKING:
+    from neox_ray.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ class ShardWorker:
 
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(max(1, num_threads))
-        self.runner = None
+        self.runner: ModelRunner | None = None
 
     def address(self) -> tuple[str, int]:
         """A free port on this worker's node (called on rank 0 to rendezvous)."""
@@ -58,25 +63,21 @@ class ShardWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, init_method: str, config: EngineConfig, max_model_len: int,
+    def setup(self, init_method: str, backend: str, config: EngineConfig, max_model_len: int,
               model_config: ModelConfig) -> tuple[int, str]:
-        """Returns this rank's KV cache size in blocks and its decode attention path."""
-        import torch
-
+        """Joins the group over ``backend`` (nccl when the workers hold GPUs, else gloo); returns this rank's
+        KV cache size in blocks and its decode attention path."""
         from neox_ray.distributed import init_tensor_parallel
         from neox_ray.engine.model_runner import ModelRunner
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         init_tensor_parallel(self.rank, self.world_size, init_method, backend)
-        self.runner = ModelRunner(config, max_model_len, model_config)
-        return self.runner.num_kv_blocks, self.runner.decode_path
+        self.runner = runner = ModelRunner(config, max_model_len, model_config)
+        return runner.num_kv_blocks, runner.decode_path
 
     def execute(self, step: StepInput) -> StepOutput | None:
+        assert self.runner is not None, "setup() runs before any step"
         output = self.runner.execute(step)
         return output if self.rank == 0 else None
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 class RayShardGroupExecutor:
@@ -91,7 +92,7 @@ class RayShardGroupExecutor:
         if not ray.is_initialized():
             ray.init()
         self.workers: list[Any] = []
-        self.placement_group = None
+        self.placement_group: PlacementGroup | None = None
         try:
             self._start(config, model_config, max_model_len)
         except BaseException:
@@ -100,33 +101,33 @@ class RayShardGroupExecutor:
 
     def _start(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
         tp = config.tensor_parallel_size
-        gpus = config.worker_num_gpus
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        bundle = {"CPU": config.worker_num_cpus, **({"GPU": gpus} if gpus else {})}
+        cluster = ClusterResources.current()
+        bundles = shard_group_bundles(config, cluster)
         total = ray.cluster_resources()
-        for resource, amount in bundle.items():
+        for resource, amount in bundles[0].items():
             if amount * tp > total.get(resource, 0):
                 raise ShardGroupError(
                     f"tensor_parallel_size={tp} needs {amount * tp:g} {resource} in one node "
                     f"({amount:g} per worker) but the whole cluster has {total.get(resource, 0):g}")
-        self.placement_group = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+        self.placement_group = group = placement_group(bundles, strategy="STRICT_PACK")
         try:
-            ray.get(self.placement_group.ready(), timeout=config.placement_timeout_s)
+            ray.get(group.ready(), timeout=config.placement_timeout_s)
         except GetTimeoutError:
             raise ShardGroupError(
-                f"could not place {tp} workers of {bundle} on one node within {config.placement_timeout_s:g} s "
+                f"could not place {tp} workers of {bundles[0]} on one node within {config.placement_timeout_s:g} s "
                 f"(cluster resources: {total}, available now: {ray.available_resources()})") from None
         worker_class = ray.remote(ShardWorker)
-        threads = max(1, int(config.worker_num_cpus))
+        options = shard_worker_options(config, cluster)
+        threads = shard_worker_threads(config)
+        backend = "nccl" if "GPU" in bundles[0] else "gloo"
         for rank in range(tp):
-            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
             self.workers.append(worker_class.options(
-                num_cpus=config.worker_num_cpus, num_gpus=gpus, scheduling_strategy=strategy,
-                max_restarts=0, name=None).remote(rank, tp, threads))
+                **options, scheduling_strategy=strategy, max_restarts=0, name=None).remote(rank, tp, threads))
         # Worker processes import torch first: allow for slow starts on a busy node.
         host, port = self._gather([self.workers[0].address.remote()], timeout_s=WORKER_START_TIMEOUT_S)[0]
-        refs = [w.setup.remote(f"tcp://{host}:{port}", config, max_model_len, model_config) for w in self.workers]
+        refs = [w.setup.remote(f"tcp://{host}:{port}", backend, config, max_model_len, model_config)
+                for w in self.workers]
         ranks = self._gather(refs, timeout_s=WORKER_START_TIMEOUT_S + 600.0)
         self.num_kv_blocks = min(blocks for blocks, _ in ranks)
         self.prefers_contiguous_kv = any(path == "views" for _, path in ranks)

@@ -2,9 +2,10 @@
 
 :class:`ServeArgs` is the application's configuration (the ``args:`` of a Serve config file, or what
 ``neox-ray serve`` builds from its flags); :func:`build_app` is the import path ``serve run`` /
-``serve deploy`` call. Replica resources follow the engine: with ``tensor_parallel_size > 1`` the
-replica itself holds no GPU (its shard-group workers do, in their own placement group), with one GPU
-per replica it asks for one, on CPU it asks for a fraction of a core.
+``serve deploy`` call. Replica resources follow the engine, by the policy batch jobs use too
+(:mod:`neox_ray.ray.resources`): with ``tensor_parallel_size > 1`` the replica itself holds no GPU (its
+shard-group workers do, in their own placement group), with one GPU per replica it asks for one, on CPU it
+asks for a fraction of a core.
 
 Serve's own knobs (replica counts, ``autoscaling_config``, ``max_ongoing_requests``, Serve-level
 ``max_queued_requests``, the proxy's ``request_timeout_s``) stay Serve's; this module only sets defaults
@@ -25,13 +26,13 @@ from ray.serve import Application
 from neox_ray.engine.async_engine import AsyncLLMEngine
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.hub import looks_like_hub_id, parse_model_ref
+from neox_ray.ray.resources import SERVE_CPU_REPLICA_NUM_CPUS, ClusterResources, engine_actor_options
 from neox_ray.serve.auth import load_api_keys
 from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "NeoxRayServer"
-CPU_REPLICA_NUM_CPUS = 0.5
 
 
 class ServeArgs(BaseModel):
@@ -107,18 +108,9 @@ class NeoxRayServer:
 
 
 def replica_actor_options(args: ServeArgs) -> dict[str, Any]:
-    config = args.engine_config()
-    if config.tensor_parallel_size > 1:  # the shard group's workers hold the GPUs, not the replica
-        return {"num_cpus": args.replica_num_cpus or CPU_REPLICA_NUM_CPUS, "num_gpus": 0}
-    uses_gpu = config.device.startswith("cuda") or (config.device == "auto" and _cluster_has_gpus())
-    default_cpus = 1.0 if uses_gpu else CPU_REPLICA_NUM_CPUS
-    return {"num_cpus": args.replica_num_cpus or default_cpus, "num_gpus": 1 if uses_gpu else 0}
-
-
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    """The replica's ``num_cpus`` / ``num_gpus``, from the one policy in :mod:`neox_ray.ray.resources`."""
+    return engine_actor_options(args.engine_config(), ClusterResources.current(), num_cpus=args.replica_num_cpus,
+                                cpu_engine_num_cpus=SERVE_CPU_REPLICA_NUM_CPUS)
 
 
 def build_application(args: ServeArgs, **deployment_options: Any) -> Application:
@@ -130,7 +122,7 @@ def build_application(args: ServeArgs, **deployment_options: Any) -> Application
         # OpenAI-shaped 503 at once) instead of waiting in Serve's router queue.
         options["max_ongoing_requests"] = max(2 * args.max_queued_requests, args.max_queued_requests + 8)
     options.update({key: value for key, value in deployment_options.items() if value is not None})
-    return NeoxRayServer.options(**options).bind(args)
+    return NeoxRayServer.options(**options).bind(args)  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
 def build_app(args: dict[str, Any]) -> Application:
