@@ -32,7 +32,8 @@ _COMMON_FLAGS: dict[str, str] = {
     "ray_address": "ray.address", "progress_interval": "progress_interval_s",
 }
 _GENERATE_FLAGS: dict[str, str] = {
-    "prompt_column": "prompt_column", "seed": "seed",
+    "prompt_column": "prompt_column", "messages_column": "messages_column", "chat_template": "chat_template",
+    "seed": "seed",
     **{spec.name: f"sampling.{spec.name}" for spec in _SAMPLING_FLAG_SPECS},
 }
 _SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride"}
@@ -40,7 +41,8 @@ _SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window"
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML job config; the flags below override its keys")
-    parser.add_argument("--model", help="checkpoint directory (HF format), readable from every node")
+    parser.add_argument("--model", help="checkpoint directory (HF format) readable from every node, or a hub id "
+                                        "ORG/NAME[@REVISION]")
     parser.add_argument("--input", help="Parquet file or directory (local path or URI)")
     parser.add_argument("--output", help="output directory; rerunning with the same one resumes the job")
     parser.add_argument("--id-column", help="column holding unique row ids (default: id; derived from file and "
@@ -70,6 +72,9 @@ def build_generate_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "generation", "The job's sampling defaults. Input columns named after a sampling field override it per "
                       f"row (null: the default): {', '.join(SamplingParams.row_override_fields())}.")
     sampling.add_argument("--prompt-column", help="column holding the prompts (default: prompt)")
+    sampling.add_argument("--messages-column", help="column holding chat messages, used when the input has no "
+                                                    "prompt column (default: messages)")
+    sampling.add_argument("--chat-template", help="jinja file overriding the model's chat template")
     job_defaults = _job_sampling_defaults()
     for spec in _SAMPLING_FLAG_SPECS:
         shown_default = job_defaults.get(spec.name, spec.default)

@@ -50,7 +50,7 @@ class ReplicaConfig(_Strict):
     max_restarts: int = Field(default=-1, ge=-1, description="actor restarts after a crash (-1: unlimited)")
 
     @model_validator(mode="after")
-    def _pool_shape(self) -> "ReplicaConfig":
+    def _pool_shape(self) -> ReplicaConfig:
         autoscaling = self.min_replicas is not None or self.max_replicas is not None
         if self.num_replicas is not None and autoscaling:
             raise ValueError("give num_replicas (a fixed pool) or min_replicas/max_replicas (autoscaling), not both")
@@ -79,7 +79,8 @@ class RayConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    model: str = Field(min_length=1, description="checkpoint directory, readable from every node")
+    model: str = Field(min_length=1, description="checkpoint directory readable from every node, or a hub id "
+                       "(ORG/NAME[@REVISION]) each node resolves into its HF cache")
     input: str = Field(min_length=1, description="a Parquet file or a directory of them (local path or URI)")
     output: str = Field(min_length=1, description="output directory; rerunning with the same one resumes")
     id_column: str = "id"
@@ -94,7 +95,7 @@ class JobConfig(_Strict):
     dry_run: int | None = Field(default=None, ge=1, description="run N sample rows and project the wall time")
 
     @model_validator(mode="after")
-    def _engine_and_resources(self) -> "JobConfig":
+    def _engine_and_resources(self) -> JobConfig:
         engine = self.engine_config  # raises ValueError naming the engine option
         if engine.tensor_parallel_size > 1 and self.replicas.num_gpus:
             raise ValueError(f"replicas.num_gpus must be 0 (or unset) with engine.tensor_parallel_size="
@@ -113,17 +114,27 @@ class JobConfig(_Strict):
             raise ValueError(f"engine: {exc}") from None
 
     @property
+    def revision(self) -> str | None:
+        """The hub revision of ``model`` (``engine.revision``; ``ID@REVISION`` in ``model`` also works)."""
+        return self.engine_config.revision
+
+    @property
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(self.engine)
 
 
 class GenerateJobConfig(JobConfig):
     prompt_column: str = "prompt"
+    # An input without the prompt column but with this one holds chat messages (lists of {role, content}),
+    # rendered with the model's chat template (or the ``chat_template`` file).
+    messages_column: str = "messages"
+    chat_template: str | None = Field(default=None, min_length=1, description="jinja file overriding the "
+                                      "model's chat template (readable from every node)")
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64},
                                      description="SamplingParams defaults; per-row columns override some")
 
     @model_validator(mode="after")
-    def _sampling(self) -> "GenerateJobConfig":
+    def _sampling(self) -> GenerateJobConfig:
         params = self.sampling_params
         if params.n > 1 and params.temperature == 0.0:
             raise ValueError(f"sampling.n={params.n} with temperature 0 (greedy) gives {params.n} identical "

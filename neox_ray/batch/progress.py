@@ -12,7 +12,8 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def format_duration(seconds: float | None) -> str:

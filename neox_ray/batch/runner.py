@@ -23,21 +23,33 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
 from neox_ray.batch.config import GenerateJobConfig, JobConfig, ScoreJobConfig
 from neox_ray.batch.progress import ProgressReporter, WaitingNotice, format_duration, print_to_stderr
-from neox_ray.batch.sink import OutputDir, commit_block, finalize, finish_empty_input, SUCCESS, SUMMARY
+from neox_ray.batch.sink import SUCCESS, SUMMARY, OutputDir, commit_block, finalize, finish_empty_input
 from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
-from neox_ray.batch.stages import (GENERATION_COLUMNS, INTERNAL_COLUMNS, SCORE_COLUMNS, GenerateEngineStage,
-                                   ScoreEngineStage, engine_span, format_generation, format_scores,
-                                   prepare_generation, prepare_scoring)
+from neox_ray.batch.stages import (
+    GENERATION_COLUMNS,
+    INTERNAL_COLUMNS,
+    SCORE_COLUMNS,
+    GenerateEngineStage,
+    ScoreEngineStage,
+    engine_span,
+    format_generation,
+    format_scores,
+    prepare_generation,
+    prepare_scoring,
+)
+from neox_ray.chat import ChatTemplate, ChatTemplateError
 from neox_ray.config import ModelConfig
 from neox_ray.engine.scoring import validate_window
+from neox_ray.hub import ModelNotFoundError, resolve_model
 from neox_ray.ray.resources import BatchResourcePlan, ClusterResources
 
 logger = logging.getLogger(__name__)
@@ -61,13 +73,16 @@ def kind_of(config: JobConfig) -> str:
 
 def preflight(config: JobConfig) -> Preflight:
     """Checks the checkpoint files and the input against the job, without Ray and without loading weights."""
-    model_dir = Path(config.model)
+    try:  # a hub id resolves (downloads on this node, or reads the HF cache) to its local snapshot
+        model_dir = Path(resolve_model(config.model, config.revision, config.engine_config.allow_pickle))
+    except ModelNotFoundError as exc:
+        raise JobError(str(exc)) from None
     for name in ("config.json", "tokenizer.json"):
         if not (model_dir / name).is_file():
-            raise JobError(f"model directory {config.model} has no {name} (it must be a HuggingFace-format "
+            raise JobError(f"model directory {model_dir} has no {name} (it must be a HuggingFace-format "
                            "GPT-NeoX checkpoint readable from every node)")
     try:
-        model_config = ModelConfig.from_pretrained(config.model)
+        model_config = ModelConfig.from_pretrained(model_dir)
     except ValueError as exc:
         raise JobError(f"model {config.model}: {exc}") from None
     max_model_len = model_config.resolve_max_model_len(config.engine_config.max_model_len)
@@ -77,7 +92,15 @@ def preflight(config: JobConfig) -> Preflight:
             raise JobError(f"sampling.max_tokens={max_tokens} leaves no room for a prompt in max_model_len="
                            f"{max_model_len}")
         reserved = tuple(c for c in GENERATION_COLUMNS) + INTERNAL_COLUMNS
-        plan = plan_input(config.input, config.prompt_column, config.id_column, reserved)
+        plan = plan_input(config.input, config.prompt_column, config.id_column, reserved, config.messages_column)
+        if plan.is_chat:
+            try:
+                template = ChatTemplate.load(model_dir, config.chat_template)
+            except ChatTemplateError as exc:
+                raise JobError(str(exc)) from None
+            if template is None:
+                raise JobError(f"input column {config.messages_column!r} holds chat messages but model "
+                               f"{config.model} has no chat template; pass --chat-template FILE")
         return Preflight(plan, max_model_len)
     assert isinstance(config, ScoreJobConfig)
     window = config.window if config.window is not None else max_model_len
@@ -94,8 +117,10 @@ def job_identity(config: JobConfig, checks: Preflight) -> dict[str, Any]:
     """What must not change between a run and its resume (other settings, e.g. replicas, may)."""
     identity: dict[str, Any] = {"kind": kind_of(config), "model": str(config.model), "input": str(config.input),
                                 "id_column": config.id_column, "seed": config.seed}
+    if config.revision is not None:
+        identity["revision"] = config.revision
     if isinstance(config, GenerateJobConfig):
-        identity.update(prompt_column=config.prompt_column, sampling=dict(sorted(config.sampling.items())))
+        identity.update(prompt_column=checks.plan.text_column, sampling=dict(sorted(config.sampling.items())))
     else:
         assert isinstance(config, ScoreJobConfig)
         identity.update(text_column=config.text_column, window=checks.window, stride=checks.stride)
@@ -194,14 +219,16 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
         ds = ds.limit(dry_run_rows)
     if isinstance(config, GenerateJobConfig):
         ds = ds.map_batches(prepare_generation, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
-                            fn_kwargs=dict(model=config.model, prompt_column=config.prompt_column,
-                                           sampling=config.sampling, job_seed=config.seed,
-                                           max_model_len=checks.max_model_len))
+                            fn_kwargs=dict(model=config.model, revision=config.revision,
+                                           prompt_column=checks.plan.text_column, sampling=config.sampling,
+                                           job_seed=config.seed, max_model_len=checks.max_model_len,
+                                           chat=checks.plan.is_chat, chat_template=config.chat_template))
         stage, constructor_kwargs = GenerateEngineStage, {}
     else:
         assert isinstance(config, ScoreJobConfig)
         ds = ds.map_batches(prepare_scoring, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
-                            fn_kwargs=dict(model=config.model, text_column=config.text_column))
+                            fn_kwargs=dict(model=config.model, revision=config.revision,
+                                           text_column=config.text_column))
         stage = ScoreEngineStage
         constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride)
     low, high = (1, 1) if dry_run_rows is not None else config.replicas.pool_bounds

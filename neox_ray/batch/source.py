@@ -61,6 +61,8 @@ class InputPlan:
     schema: pa.Schema
     id_column: str | None    # the input's id column, or None when ids are derived from file + row position
     ids: pa.ChunkedArray | None = field(default=None, repr=False)  # the id column, when there is one
+    text_column: str = ""    # the column the job reads: the prompt/text column, or the messages column
+    is_chat: bool = False    # text_column holds chat messages (lists of {role, content})
 
     @property
     def total_rows(self) -> int:
@@ -70,8 +72,12 @@ class InputPlan:
         return pa.array([f"{input_file.relative}:{row}" for row in range(start, stop)], type=pa.string())
 
 
-def plan_input(path: str, required_column: str, id_column: str, reserved_columns: tuple[str, ...]) -> InputPlan:
-    """Lists the input's files, checks their schemas and ids; raises :class:`InputError` with the reason."""
+def plan_input(path: str, required_column: str, id_column: str, reserved_columns: tuple[str, ...],
+               messages_column: str | None = None) -> InputPlan:
+    """Lists the input's files, checks their schemas and ids; raises :class:`InputError` with the reason.
+
+    With ``messages_column``, an input that has no ``required_column`` but has that column is a chat input:
+    its rows are lists of ``{role, content}`` messages, rendered with the model's chat template later."""
     filesystem, root = resolve_filesystem(path)
     try:
         info = filesystem.get_file_info(root)
@@ -103,8 +109,20 @@ def plan_input(path: str, required_column: str, id_column: str, reserved_columns
         files.append(InputFile(file_path, posixpath.relpath(file_path, base), rows))
         schemas.append((file_path, schema))
 
+    is_chat = (messages_column is not None and all(required_column not in s.names for _, s in schemas)
+               and all(messages_column in s.names for _, s in schemas))
+    if is_chat:
+        assert messages_column is not None
+        required_column = messages_column
     for file_path, schema in schemas:
+        if is_chat:
+            _check_messages_type(file_path, messages_column or "", schema.field(required_column).type)
+            continue
         if required_column not in schema.names:
+            if messages_column is not None:
+                raise InputError(f"input file {file_path} has neither a {required_column!r} column (prompts) nor a "
+                                 f"{messages_column!r} column (chat messages) (columns: "
+                                 f"{', '.join(schema.names) or 'none'}); set --prompt-column or --messages-column")
             raise InputError(f"input file {file_path} has no column {required_column!r} (columns: "
                              f"{', '.join(schema.names) or 'none'}); set the column name option if it is named "
                              "differently")
@@ -116,7 +134,7 @@ def plan_input(path: str, required_column: str, id_column: str, reserved_columns
         unified = pa.unify_schemas([s for _, s in schemas])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise InputError(f"input files have incompatible schemas: {exc}") from None
-    if pa.types.is_null(unified.field(required_column).type):
+    if not is_chat and pa.types.is_null(unified.field(required_column).type):
         raise InputError(f"input column {required_column!r} has Arrow type null in every file (no values); it "
                          "must hold strings")
     clashes = [c for c in reserved_columns if c in unified.names]
@@ -124,7 +142,8 @@ def plan_input(path: str, required_column: str, id_column: str, reserved_columns
         raise InputError(f"input column(s) {', '.join(clashes)} would be overwritten by the job's output columns; "
                          "rename them")
 
-    plan = InputPlan(base, filesystem, files, unified, id_column if id_column in unified.names else None)
+    plan = InputPlan(base, filesystem, files, unified, id_column if id_column in unified.names else None,
+                     text_column=required_column, is_chat=is_chat)
     if plan.id_column is None and ID in unified.names:
         raise InputError(f"input has an {ID!r} column but the id column is set to {id_column!r}; the output's "
                          f"{ID!r} column would overwrite it")
@@ -145,6 +164,16 @@ def _is_text(arrow_type: pa.DataType) -> bool:
         return _is_text(arrow_type.value_type)
     return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
             or pa.types.is_string_view(arrow_type))
+
+
+def _check_messages_type(file_path: str, column: str, arrow_type: pa.DataType) -> None:
+    """A messages column is a list of structs with string ``role`` and ``content`` fields."""
+    ok = (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)) \
+        and pa.types.is_struct(arrow_type.value_type) \
+        and all(name in [f.name for f in arrow_type.value_type] for name in ("role", "content"))
+    if not ok:
+        raise InputError(f"input column {column!r} in {file_path} has Arrow type {arrow_type}; chat messages must "
+                         "be a list of {role: string, content: string} structs")
 
 
 def _type_family(arrow_type: pa.DataType) -> str:

@@ -67,10 +67,41 @@ def row_seed(job_seed: int, row_id: Any) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_dir: str):
+def _model_dir(model: str, revision: str | None) -> str:
+    """The local checkpoint of a directory or hub id, resolved once per worker process (on this node)."""
+    from neox_ray.hub import resolve_model
+
+    return resolve_model(model, revision)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str, revision: str | None = None):
     from neox_ray.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(model_dir)
+    return Tokenizer.from_pretrained(_model_dir(model, revision))
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_template(model: str, revision: str | None, override: str | None):
+    from neox_ray.chat import ChatTemplate
+
+    return ChatTemplate.load(_model_dir(model, revision), override)
+
+
+def _render_messages(messages: Any, model: str, revision: str | None, chat_template: str | None) -> \
+        tuple[str | None, str | None]:
+    """(prompt text, None) for a row of chat messages, or (None, the row's error)."""
+    from neox_ray.chat import ChatTemplateError, MessagesError
+
+    if messages is None:
+        return None, "messages is null"
+    template = _chat_template(model, revision, chat_template)
+    if template is None:  # the preflight checked; a changed checkpoint would land here
+        return None, "the model has no chat template"
+    try:
+        return template.render(messages), None
+    except (MessagesError, ChatTemplateError) as exc:
+        return None, str(exc)
 
 
 # ---- prepare (CPU) ---------------------------------------------------------------------------------------
@@ -100,18 +131,26 @@ def _row_overrides(batch: pa.Table, row: int, columns: list[str]) -> dict[str, A
 
 
 def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampling: dict[str, Any],
-                       job_seed: int, max_model_len: int) -> pa.Table:
-    """Adds the token ids, the resolved sampling parameters (JSON), ``num_prompt_tokens`` and ``error``."""
+                       job_seed: int, max_model_len: int, revision: str | None = None, chat: bool = False,
+                       chat_template: str | None = None) -> pa.Table:
+    """Adds the token ids, the resolved sampling parameters (JSON), ``num_prompt_tokens`` and ``error``.
+    With ``chat``, ``prompt_column`` holds messages, rendered to prompt text with the chat template first."""
     defaults = SamplingParams(**sampling)
-    tokenizer = _tokenizer(model)
+    tokenizer = _tokenizer(model, revision)
     override_columns = [c for c in OVERRIDE_COLUMNS if c in batch.column_names]
     prompts = batch.column(prompt_column).to_pylist()
     ids = batch.column("id").to_pylist()
     errors: list[str | None] = []
     params_json: list[str | None] = []
     max_tokens_of: list[int] = []
+    render_errors: dict[int, str] = {}
+    if chat:
+        for row, messages in enumerate(prompts):
+            prompts[row], render_error = _render_messages(messages, model, revision, chat_template)
+            if render_error is not None:
+                render_errors[row] = render_error
     for row, prompt in enumerate(prompts):
-        error = _text_error(prompt, "prompt")
+        error = render_errors.get(row) or _text_error(prompt, "prompt")
         params = None
         if error is None:
             overrides = _row_overrides(batch, row, override_columns)
@@ -142,8 +181,8 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
             .append_column("error", pa.array(errors, type=pa.string())))
 
 
-def prepare_scoring(batch: pa.Table, *, model: str, text_column: str) -> pa.Table:
-    tokenizer = _tokenizer(model)
+def prepare_scoring(batch: pa.Table, *, model: str, text_column: str, revision: str | None = None) -> pa.Table:
+    tokenizer = _tokenizer(model, revision)
     texts = batch.column(text_column).to_pylist()
     errors = [_text_error(t, "text") for t in texts]
     to_encode = [i for i, e in enumerate(errors) if e is None]

@@ -30,7 +30,9 @@ def _known_device(device: str) -> str:
 
 
 class EngineConfig(StrictSettings):
-    model: str = setting(min_length=1, description="checkpoint directory (HF format)")
+    model: str = setting(min_length=1, description="checkpoint directory or hub id (ORG/NAME, or ORG/NAME@REVISION)")
+    revision: str | None = setting(None, min_length=1, tags=[FLAG],
+                                   description="hub revision of the model: branch (e.g. step1000), tag or commit sha")
     dtype: DType = setting("auto", tags=[FLAG], description="weights and activations dtype")
     device: Annotated[str, AfterValidator(_known_device)] = setting("auto", tags=[FLAG],
                                                                     description="auto, cpu, cuda or cuda:N")

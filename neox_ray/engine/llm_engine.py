@@ -18,8 +18,8 @@ import itertools
 import logging
 import operator
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Callable, Collection
 
 from neox_ray.config import ModelConfig
 from neox_ray.engine.block_manager import BlockManager
@@ -31,6 +31,7 @@ from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
 from neox_ray.engine.scoring import ScoreItems, ScorePlan, plan_scores, validate_window
 from neox_ray.engine.sequence import Sequence
 from neox_ray.engine.step import SAMPLING_KNOBS, SampleResult, SamplingRow, SequenceStep, StepInput, StepOutput
+from neox_ray.hub import resolve_model
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory | None = None):
+        # A hub id is resolved to its local snapshot once, here; everything below (and every shard-group
+        # rank, on this node) reads that directory.
+        self.model_dir = resolve_model(config.model, config.revision, config.allow_pickle)
+        config = config.model_copy(update={"model": self.model_dir, "revision": None})
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.tokenizer = Tokenizer.from_pretrained(config.model)

@@ -29,13 +29,17 @@ DEFAULT_TARGET_ONGOING_REQUESTS = 32
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint directory (overrides the config's args.model)")
+    parser.add_argument("--model", help="checkpoint directory or hub id (ORG/NAME[@REVISION]); overrides the "
+                                        "config's args.model")
     parser.add_argument("--config", help="a Serve config YAML such as configs/serve.yaml")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-key-env", help="environment variable holding the API key(s)")
     parser.add_argument("--api-key-file", help="file holding the API key(s), one per line")
-    parser.add_argument("--served-model-name", help="the model name clients send (default: directory name)")
+    parser.add_argument("--served-model-name",
+                        help="the model name clients send (default: the hub id as given, or the directory's name)")
+    parser.add_argument("--chat-template", help="jinja file overriding the checkpoint's chat template (readable on "
+                                                "every replica's node)")
     replicas = parser.add_mutually_exclusive_group()
     replicas.add_argument("--num-replicas", type=int, help="a fixed number of replicas")
     replicas.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
@@ -69,8 +73,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key in (("host", "host"), ("port", "port")):
         if getattr(args, flag) is not None:
             http[key] = getattr(args, flag)
-    for flag in ("model", "api_key_env", "api_key_file", "served_model_name", "max_queued_requests",
-                 "request_timeout_s"):
+    for flag in ("model", "api_key_env", "api_key_file", "served_model_name", "chat_template",
+                 "max_queued_requests", "request_timeout_s"):
         if getattr(args, flag) is not None:
             app_args[flag] = getattr(args, flag)
     engine = app_args.setdefault("engine", {})

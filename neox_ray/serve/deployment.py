@@ -25,6 +25,7 @@ from ray.serve import Application
 
 from neox_ray.engine.async_engine import AsyncLLMEngine
 from neox_ray.engine.engine_config import EngineConfig
+from neox_ray.hub import looks_like_hub_id, parse_model_ref
 from neox_ray.ray.resources import SERVE_CPU_REPLICA_NUM_CPUS, ClusterResources, engine_actor_options
 from neox_ray.serve.auth import load_api_keys
 from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
@@ -38,8 +39,9 @@ class ServeArgs(BaseModel):
     """What one application serves and how each replica limits itself."""
     model_config = ConfigDict(extra="forbid")
 
-    model: str                                  # checkpoint directory, readable on every replica's node
-    served_model_name: str | None = None        # the `model` clients send; default: the directory's name
+    model: str                                  # checkpoint directory (on every replica's node) or hub id[@rev]
+    served_model_name: str | None = None        # the `model` clients send; default: the model as written
+    chat_template: str | None = None            # jinja file overriding the checkpoint's chat template
     engine: dict[str, Any] = {}                 # EngineConfig options (validated by it): dtype, max_num_seqs, ...
     max_queued_requests: int | None = 256       # per replica, running + waiting; beyond it: 503 + Retry-After
     request_timeout_s: float | None = 600.0     # per request; beyond it: aborted, 408
@@ -68,7 +70,14 @@ class ServeArgs(BaseModel):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model.rstrip("/")).name
+        """The served name: given, else a hub id as the user wrote it (with its revision), else the
+        checkpoint directory's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        ref = parse_model_ref(self.model, self.engine.get("revision"))
+        if not Path(ref.name).exists() and looks_like_hub_id(ref.name):
+            return ref.display
+        return Path(self.model.rstrip("/")).name
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_kwargs(self.model, **self.engine)
@@ -86,7 +95,7 @@ class NeoxRayServer:
         self.async_engine = AsyncLLMEngine(self.llm.engine, args.max_queued_requests)
         self.server = OpenAIServer(self.async_engine, ServerSettings(
             served_model_name=args.model_name, request_timeout_s=args.request_timeout_s,
-            api_keys=tuple(api_keys)))
+            api_keys=tuple(api_keys), chat_template=args.chat_template))
         logger.info("serving %s as %r (max_queued_requests=%s, request_timeout_s=%s, auth=%s)", args.model,
                     args.model_name, args.max_queued_requests, args.request_timeout_s, bool(api_keys))
 

@@ -52,6 +52,7 @@ class ServerSettings:
     served_model_name: str
     request_timeout_s: float | None = None
     api_keys: tuple[str, ...] = ()
+    chat_template: str | None = None   # a jinja file overriding the checkpoint's chat template
 
 
 @dataclass
@@ -470,5 +471,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
         payload, content_type = server.metrics.exposition()
         return counted(request, Response(payload, media_type=content_type))
 
+    from neox_ray.serve.chat_routes import ChatRoutes  # it builds on OpenAIServer: import after this module
+
+    ChatRoutes(server, server.settings.chat_template).add_routes(protected, counted)
     app.include_router(protected)
     return app
