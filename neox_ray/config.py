@@ -103,7 +103,7 @@ class ModelConfig:
             raise ConfigError(f"config.json: rope scaling factor must be > 0, got {self.rope.factor}")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type != "gpt_neox":
             raise ConfigError(f"config.json: model_type {model_type!r} is not supported; neox-ray runs 'gpt_neox' "
@@ -134,7 +134,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {model_dir} (looked for {path})")

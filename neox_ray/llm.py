@@ -3,13 +3,15 @@
 A thin driver over :class:`LLMEngine`: it validates every input up front (so a bad item fails before any
 compute, naming its index), queues all requests, steps the engine until they finish and returns results
 in input order (scoring's window fan-out is the engine's). A request the engine fails raises
-:class:`RequestFailedError` naming its index; the others are aborted. Picking the executor is the only place ``tensor_parallel_size > 1`` brings in Ray.
+:class:`RequestFailedError` naming its index; the others are aborted. Picking the executor is the only place
+``tensor_parallel_size > 1`` brings in Ray.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.llm_engine import LLMEngine, RequestFailedError
@@ -40,7 +42,7 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         encoded = []
-        for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+        for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=False)):
             try:
                 text, ids = self._encode(prompt)
                 self.engine.validate_prompt(ids, params.max_tokens)
@@ -48,7 +50,7 @@ class LLM:
                 raise ValueError(f"prompt {index}: {exc}") from None
             encoded.append((text, ids))
         order = {}
-        for index, ((text, ids), params) in enumerate(zip(encoded, params_list)):
+        for index, ((text, ids), params) in enumerate(zip(encoded, params_list, strict=False)):
             order[self.engine.add_request(ids, params, prompt=text)] = index
         return self._run(order, use_tqdm)
 

@@ -16,10 +16,15 @@ from pathlib import Path
 import pytest
 
 from neox_ray import LLM, SamplingParams
-from neox_ray.engine.async_engine import (AsyncLLMEngine, DeadlineExceeded, EngineRequest, QueueFullError,
-                                          RequestFailedError)
-from neox_ray.engine.scoring import ScoreItemError
+from neox_ray.engine.async_engine import (
+    AsyncLLMEngine,
+    DeadlineExceeded,
+    EngineRequest,
+    QueueFullError,
+    RequestFailedError,
+)
 from neox_ray.engine.llm_engine import LLMEngine
+from neox_ray.engine.scoring import ScoreItemError
 from neox_ray.engine.step import StepInput
 
 POISON = 7
@@ -78,7 +83,7 @@ def test_merged_stream_deadline_and_early_stop_abort_everything(llm: LLM, expect
             with pytest.raises(DeadlineExceeded):
                 await stream.collect()
             async with engine.submit_many([EngineRequest(p, long) for p in GOOD_PROMPTS[:2]]) as stream:
-                async for index, output in stream:
+                async for _index, output in stream:
                     if output.outputs[0].token_ids:
                         break  # the consumer stops: leaving the block aborts both
 

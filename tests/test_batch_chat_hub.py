@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from hub_cache import add_to_hub_cache
+
 from neox_ray.batch.config import validate_job_config
 from neox_ray.batch.runner import JobError, preflight, run_job
 from neox_ray.batch.sink import read_output

@@ -25,7 +25,8 @@ from neox_ray.engine.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
-WORDS = "the quick brown fox jumps over a lazy dog while ray data reads parquet files".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "ray", "data", "reads",
+         "parquet", "files"]
 ENGINE = {"device": "cpu", "dtype": "float32", "max_num_seqs": 32}
 REPLICAS = {"num_replicas": 2, "num_cpus": 0.5, "batch_size": 8, "max_concurrent_batches": 2}
 
@@ -103,7 +104,7 @@ def test_generate_end_to_end_matches_llm(ray_session, tiny_checkpoint: Path, pro
         overrides = {k: source.column(k)[i].as_py() for k in ("max_tokens", "temperature")}
         params.append(defaults.with_overrides(seed=row_seed(11, expected_ids[i]), **overrides))
     results = llm.generate([source.column("prompt")[i].as_py() for i in ok], params)
-    for i, result in zip(ok, results):
+    for i, result in zip(ok, results, strict=False):
         row = rows[expected_ids[i]]
         assert row["generated_text"] == result.outputs[0].text, expected_ids[i]
         assert row["num_generated_tokens"] == len(result.outputs[0].token_ids)
@@ -148,7 +149,7 @@ def test_score_end_to_end_matches_llm_and_summary(ray_session, tiny_checkpoint: 
 
     ok = [i for i in range(40) if texts[i]]
     scores = LLM(str(tiny_checkpoint), **ENGINE).score([texts[i] for i in ok], window=32, stride=16)
-    for i, score in zip(ok, scores):
+    for i, score in zip(ok, scores, strict=False):
         row = rows[f"d{i}"]
         assert row["num_tokens"] == score.num_tokens and row["error"] is None
         for name in ("nll", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"):

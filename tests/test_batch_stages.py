@@ -11,8 +11,7 @@ import pytest
 
 from neox_ray.batch.sink import OutputDir, OutputError, block_file_name, commit_block, finalize
 from neox_ray.batch.source import IdentifiedParquetDatasource, plan_input
-from neox_ray.batch.stages import (FINISH_REASONS, NUM_GENERATED, TEXTS, format_generation, prepare_generation,
-                                   row_seed)
+from neox_ray.batch.stages import FINISH_REASONS, NUM_GENERATED, TEXTS, format_generation, prepare_generation, row_seed
 
 
 def test_row_seed_depends_only_on_job_seed_and_id() -> None:

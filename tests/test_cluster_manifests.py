@@ -18,8 +18,9 @@ import functools
 import json
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -252,7 +253,7 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
         return [d for key in sorted(set(a) | set(b), key=str)
                 for d in _differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{path}.{key}")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=False)) for d in _differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path or '<root>'}: {a!r} -> {b!r}"]
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from checkpoints import VARIANTS, load_hf_model
+from test_model import LENGTHS, packed_logits, random_batch, reference_logits
+
 from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
 from neox_ray.kernels import cpu_paged_attention
 from neox_ray.layers.cpu_gemm import FUSED_ACTIVATIONS, pack_weight, packed_linear, packing_supported
 from neox_ray.loader import load_model
-from test_model import LENGTHS, packed_logits, random_batch, reference_logits
 
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32), reason="torch was built without oneDNN")
 needs_kernel = pytest.mark.skipif(not cpu_paged_attention.available(torch.float32),
@@ -196,16 +196,16 @@ def test_bfloat16_engine_on_cpu_uses_the_fast_paths_and_stays_close_to_float32(t
         runner = llm.engine.executor.runner
         assert runner.decode_path == "kernel" and runner.model.embed_out.packed_weight is not None
         results[dtype] = llm.generate(prompts, params)
-    for prompt, full, half in zip(prompts, results["float32"], results["bfloat16"]):
-        want = torch.tensor([entry[t] for entry, t in zip(full.prompt_logprobs[1:], prompt[1:])])
-        got = torch.tensor([entry[t] for entry, t in zip(half.prompt_logprobs[1:], prompt[1:])])
+    for prompt, full, half in zip(prompts, results["float32"], results["bfloat16"], strict=False):
+        want = torch.tensor([entry[t] for entry, t in zip(full.prompt_logprobs[1:], prompt[1:], strict=False)])
+        got = torch.tensor([entry[t] for entry, t in zip(half.prompt_logprobs[1:], prompt[1:], strict=False)])
         assert (got - want).abs().max() < 0.1  # bf16 keeps ~3 significant digits through two layers
         # Decode steps go through the bf16 kernel: the logprob of each token fp32 chose stays close.
         chosen = full.outputs[0].token_ids
-        full_decode = [entry[t] for entry, t in zip(full.outputs[0].logprobs, chosen)]
-        half_decode = [entry[t] for entry, t in zip(half.outputs[0].logprobs, chosen)]
+        full_decode = [entry[t] for entry, t in zip(full.outputs[0].logprobs, chosen, strict=False)]
+        half_decode = [entry[t] for entry, t in zip(half.outputs[0].logprobs, chosen, strict=False)]
         assert half.outputs[0].token_ids == chosen  # margins between top tokens here exceed bf16's error
-        assert max(abs(a - b) for a, b in zip(full_decode, half_decode)) < 0.1
+        assert max(abs(a - b) for a, b in zip(full_decode, half_decode, strict=False)) < 0.1
 
 
 @pytest.mark.parametrize("setting", [{"NEOX_RAY_CPU_KERNELS": "off"}, {"NEOX_RAY_CPU_KERNELS": "0"},

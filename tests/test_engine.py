@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import VARIANTS, build_hf_checkpoint, load_hf_model
+
 from neox_ray import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=36, ignore_eos=True)
@@ -51,7 +51,7 @@ def test_greedy_generation_matches_transformers(tmp_path: Path, variant: str) ->
     llm = LLM(str(directory), block_size=4, max_num_batched_tokens=48, max_model_len=128)
     prompts = random_prompts([3, 21, 1, 40, 9, 64])
     outputs = llm.generate(prompts, GREEDY)
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=False):
         assert output.prompt_token_ids == prompt
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 36), variant
         assert output.outputs[0].finish_reason == "length"
@@ -61,7 +61,7 @@ def test_outputs_come_back_in_input_order_with_text(llm: LLM) -> None:
     prompts = ["hello world", "naïve café", "The quick brown fox", "日本語"]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert [o.prompt for o in outputs] == prompts
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=False):
         assert output.prompt_token_ids == llm.tokenizer.encode(prompt)
         completion = output.outputs[0]
         assert completion.text == llm.tokenizer.decode(completion.token_ids)
@@ -70,10 +70,10 @@ def test_outputs_come_back_in_input_order_with_text(llm: LLM) -> None:
 def test_prompt_logprobs_match_transformers(llm: LLM, hf) -> None:
     prompts = random_prompts([30, 7, 50], seed=4)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=3))
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=False):
         assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(prompt)
-        ours = [entry[token] for entry, token in zip(output.prompt_logprobs[1:], prompt[1:])]
-        assert max(abs(a - b) for a, b in zip(ours, hf_prompt_logprobs(hf, prompt))) < 1e-4
+        ours = [entry[token] for entry, token in zip(output.prompt_logprobs[1:], prompt[1:], strict=False)]
+        assert max(abs(a - b) for a, b in zip(ours, hf_prompt_logprobs(hf, prompt), strict=False)) < 1e-4
         assert all(len(entry) >= 3 for entry in output.prompt_logprobs[1:])
 
 
@@ -83,7 +83,7 @@ def test_generated_logprobs_are_raw_model_logprobs(llm: LLM, hf) -> None:
     completion = output.outputs[0]
     full = prompt + completion.token_ids
     reference = hf_prompt_logprobs(hf, full)[len(prompt) - 1:]
-    for entry, token, expected in zip(completion.logprobs, completion.token_ids, reference):
+    for entry, token, expected in zip(completion.logprobs, completion.token_ids, reference, strict=False):
         assert abs(entry[token] - expected) < 1e-4
         assert len(entry) >= 2
     assert completion.cumulative_logprob == pytest.approx(sum(reference), abs=1e-3)
@@ -110,7 +110,7 @@ def hf_sliding_window_nll(hf_model, tokens: list[int], window: int, stride: int)
 def test_scoring_matches_transformers_sliding_window(llm: LLM, hf) -> None:
     documents = random_prompts([5, 37, 100, 13], seed=6)
     results = llm.score(documents, window=24, stride=10, return_token_logprobs=True)
-    for tokens, result in zip(documents, results):
+    for tokens, result in zip(documents, results, strict=False):
         assert result.num_tokens == len(tokens) == len(result.token_logprobs)
         expected = hf_sliding_window_nll(hf, tokens, 24, 10)
         assert result.nll == pytest.approx(expected, rel=1e-5)
@@ -118,7 +118,7 @@ def test_scoring_matches_transformers_sliding_window(llm: LLM, hf) -> None:
     # One window covering the whole text gives exactly the prompt logprobs of [eot] + text.
     whole = llm.score(documents[1], return_token_logprobs=True)[0]
     reference = hf_prompt_logprobs(hf, [0] + documents[1])
-    assert max(abs(a - b) for a, b in zip(whole.token_logprobs, reference)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(whole.token_logprobs, reference, strict=False)) < 1e-4
 
 
 def test_score_text_metrics_follow_lm_eval(llm: LLM) -> None:

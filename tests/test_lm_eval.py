@@ -20,7 +20,8 @@ lm_eval = pytest.importorskip("lm_eval")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MODEL = "tiny-pythia"
-WORDS = "the quick brown fox jumps over a lazy dog while ray data reads parquet files".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "ray", "data", "reads",
+         "parquet", "files"]
 
 MULTIPLE_CHOICE = """
 task: neox_mc

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import VARIANTS, build_hf_checkpoint, load_hf_model
 from safetensors.torch import load_file, save_file
 
-from checkpoints import VARIANTS, build_hf_checkpoint, load_hf_model
 from neox_ray.config import ConfigError, ModelConfig
 from neox_ray.kernels import cpu_paged_attention
 from neox_ray.layers.attention import AttentionMetadata
@@ -84,7 +84,7 @@ def _cached_step(model, block_size: int, tables: list[list[int]], chunks: list[t
                  decode_path: str = "auto"):
     """Feeds each sequence's chunk (token ids, start position) through the paged cache; returns logits."""
     ids, positions, slots, starts, context_lens = [], [], [], [0], []
-    for table, (tokens, start) in zip(tables, chunks):
+    for table, (tokens, start) in zip(tables, chunks, strict=False):
         ids += tokens
         span = range(start, start + len(tokens))
         positions += span
@@ -92,9 +92,9 @@ def _cached_step(model, block_size: int, tables: list[list[int]], chunks: list[t
         starts.append(starts[-1] + len(tokens))
         context_lens.append(start + len(tokens))
     width = max(len(t) for t in tables)
-    meta = AttentionMetadata(starts, context_lens, torch.tensor(slots),
-                             torch.tensor([t + [0] * (width - len(t)) for t in tables])).to(torch.device("cpu"), block_size,
-                                                                            decode_path)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    meta = AttentionMetadata(starts, context_lens, torch.tensor(slots), block_tables).to(
+        torch.device("cpu"), block_size, decode_path)
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), meta)), starts
 

@@ -8,12 +8,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from checkpoints import VARIANTS, build_hf_checkpoint
+
 from neox_ray.engine.engine_config import EngineConfig
-from neox_ray.ray.resources import (MIN_ENGINE_ACTOR_NUM_CPUS, BatchResourcePlan, ClusterResources,
-                                    engine_actor_options, shard_group_bundles, shard_worker_options,
-                                    size_engine_actor_cpus)
+from neox_ray.ray.resources import (
+    MIN_ENGINE_ACTOR_NUM_CPUS,
+    BatchResourcePlan,
+    ClusterResources,
+    engine_actor_options,
+    shard_group_bundles,
+    shard_worker_options,
+    size_engine_actor_cpus,
+)
 
 NO_GPU = ClusterResources(cpus=2, gpus=0)
 WITH_GPUS = ClusterResources(cpus=16, gpus=8)
@@ -129,7 +135,8 @@ def test_batch_check_fails_on_our_ray_and_waits_on_a_cluster_that_may_grow(
         time.sleep(0.35)
     finally:
         notice.stop()
-    assert len(lines) >= 2 and all(line.startswith("waiting for resources: 3 engine replicas x 1 CPU") for line in lines)
+    assert len(lines) >= 2
+    assert all(line.startswith("waiting for resources: 3 engine replicas x 1 CPU") for line in lines)
     one = validate_job_config("generate", {**job.model_dump(), "replicas": {"num_replicas": 1}})
     quiet: list[str] = []
     notice = runner.check_resources(one, runner.resource_plan(one, started_ray=False), started_ray=False,

@@ -30,7 +30,7 @@ def test_request_carries_every_sampling_field_with_the_same_rules() -> None:
     from neox_ray.serve.server import SAMPLING_FIELDS
 
     assert set(SAMPLING_REQUEST_FIELDS) == set(SamplingParams.model_fields)
-    assert SAMPLING_FIELDS == set(SamplingParams.model_fields) - {"prompt_logprobs"}  # echo + logprobs sets it
+    assert set(SamplingParams.model_fields) - {"prompt_logprobs"} == SAMPLING_FIELDS  # echo + logprobs sets it
     for name in SAMPLING_REQUEST_FIELDS:
         request_field, engine_field = CompletionRequest.model_fields[name], SamplingParams.model_fields[name]
         assert request_field.annotation == engine_field.annotation, name
@@ -44,7 +44,7 @@ def test_batch_override_columns_and_flags_come_from_the_schema() -> None:
     from neox_ray.batch import cli as batch_cli
     from neox_ray.batch.stages import OVERRIDE_COLUMNS
 
-    assert OVERRIDE_COLUMNS == SamplingParams.row_override_fields()
+    assert SamplingParams.row_override_fields() == OVERRIDE_COLUMNS
     assert {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"} <= set(OVERRIDE_COLUMNS)
     parser = batch_cli.build_generate_parser(argparse.ArgumentParser())
     flags = {option: action for action in parser._actions for option in action.option_strings}

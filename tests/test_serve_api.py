@@ -145,7 +145,7 @@ def test_n2_and_logprobs(client) -> None:
         logprobs = choice.logprobs
         assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
         assert logprobs.text_offset == sorted(logprobs.text_offset)
-        for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=False):
             assert chosen <= 0.0 and 3 <= len(top) <= 4
             assert max(top.values()) >= chosen - 1e-6
     assert completion.choices[0].text != completion.choices[1].text  # n samples differ
@@ -165,7 +165,7 @@ def test_echo_with_max_tokens_zero_returns_prompt_logprobs(client, reference_llm
     final = None
     while final is None:
         final = next((o for o in reference.step() if o.request_id == request_id and o.finished), None)
-    expected = [entry[token] for entry, token in zip(final.prompt_logprobs[1:], token_ids[1:])]
+    expected = [entry[token] for entry, token in zip(final.prompt_logprobs[1:], token_ids[1:], strict=False)]
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     assert completion.usage.completion_tokens == 0
 
@@ -201,7 +201,7 @@ def test_score_matches_llm_score(endpoint: Endpoint, reference_llm) -> None:
     assert response.status_code == 200, response.text
     data = response.json()["data"]
     expected = reference_llm.score(texts, return_token_logprobs=True)
-    for got, want in zip(data, expected):
+    for got, want in zip(data, expected, strict=False):
         assert got["num_tokens"] == want.num_tokens
         for field in ("nll", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"):
             assert got[field] == pytest.approx(getattr(want, field), rel=1e-4)
@@ -297,7 +297,8 @@ def test_missing_model_and_score_fields_are_400(endpoint: Endpoint) -> None:
     app = endpoint.main
     missing = httpx.post(f"{app.base_url}/completions", json={"prompt": PROMPT}, headers=app.headers())
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
-    for fields, param in (({"window": 1}, "window"), ({"window": 64, "stride": 64}, "stride"), ({"input": ""}, "input")):
+    cases = (({"window": 1}, "window"), ({"window": 64, "stride": 64}, "stride"), ({"input": ""}, "input"))
+    for fields, param in cases:
         response = httpx.post(f"{app.base_url}/score", headers=app.headers(),
                               json={"model": MODEL_NAME, "input": PROMPT, **fields})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
@@ -346,7 +347,7 @@ def test_queue_limit_gives_fast_503_and_server_recovers(endpoint: Endpoint) -> N
     ok = [r for r in results if r[0] == 200]
     rejected = [r for r in results if r[0] == 503]
     assert len(ok) + len(rejected) == 20, statuses
-    assert 1 <= len(ok) and len(rejected) >= 10, statuses
+    assert len(ok) >= 1 and len(rejected) >= 10, statuses
     slowest_ok = max(seconds for _, seconds, _ in ok)
     for _, seconds, response in rejected:
         assert response.headers["retry-after"] == "1"
@@ -379,13 +380,13 @@ def test_client_disconnect_mid_stream_aborts_request(endpoint: Endpoint) -> None
     app = endpoint.main
     before = _metrics(app)
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    with httpx.Client(headers=app.headers(), timeout=60) as http:
-        with http.stream("POST", f"{app.base_url}/completions", json=body) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            assert json.loads(first[len("data: "):])["object"] == "text_completion"
-        # leaving the block closes the connection mid-stream
+    with httpx.Client(headers=app.headers(), timeout=60) as http, \
+            http.stream("POST", f"{app.base_url}/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["object"] == "text_completion"
+    # leaving the block closes the connection mid-stream
     deadline = time.monotonic() + 10
     metrics = _metrics(app)
     while (metrics["neox_ray_engine_aborted_requests_total"] <= before["neox_ray_engine_aborted_requests_total"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import build_hf_checkpoint
 from safetensors.torch import load_file
 
-from checkpoints import build_hf_checkpoint
 from neox_ray import LLM, SamplingParams
 
 TP_OPTIONS = dict(block_size=4, worker_num_cpus=0.25, placement_timeout_s=30)
@@ -39,9 +39,10 @@ def test_tensor_parallel_matches_single_rank(ray_session, odd_vocab_checkpoint: 
     llm = LLM(str(odd_vocab_checkpoint), tensor_parallel_size=tp, **TP_OPTIONS)
     try:
         logprob_params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-        for ours, ref in zip(llm.generate(prompts(), logprob_params), reference.generate(prompts(), logprob_params)):
+        ours_all, refs = llm.generate(prompts(), logprob_params), reference.generate(prompts(), logprob_params)
+        for ours, ref in zip(ours_all, refs, strict=True):
             diffs = [abs(a[t] - b[t]) for a, b, t in zip(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:],
-                                                        ours.prompt_token_ids[1:])]
+                                                        ours.prompt_token_ids[1:], strict=False)]
             assert max(diffs) < 1e-4
         greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts(1), greedy)] == \
@@ -51,7 +52,7 @@ def test_tensor_parallel_matches_single_rank(ray_session, odd_vocab_checkpoint: 
                [o.outputs[0].token_ids for o in reference.generate(prompts(2), seeded)]
         ours_scores = llm.score(prompts(3), window=16, stride=8)
         ref_scores = reference.score(prompts(3), window=16, stride=8)
-        for a, b in zip(ours_scores, ref_scores):
+        for a, b in zip(ours_scores, ref_scores, strict=False):
             assert a.num_tokens == b.num_tokens and a.nll == pytest.approx(b.nll, rel=1e-5)
     finally:
         llm.shutdown()

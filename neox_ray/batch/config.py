@@ -163,7 +163,8 @@ class ScoreJobConfig(JobConfig):
     rows_per_file: int = Field(default=4096, ge=1)
 
 
-CONFIG_CLASSES: dict[str, type[JobConfig]] = {"generate": GenerateJobConfig, "score": ScoreJobConfig}
+CONFIG_CLASSES: dict[str, type[GenerateJobConfig] | type[ScoreJobConfig]] = {"generate": GenerateJobConfig,
+                                                                             "score": ScoreJobConfig}
 
 
 def load_job_config(kind: JobKind, path: str | Path | None = None,
@@ -187,7 +188,8 @@ def load_job_config(kind: JobKind, path: str | Path | None = None,
     return validate_job_config(kind, raw, source=str(path) if path else "command line")
 
 
-def validate_job_config(kind: JobKind, raw: dict[str, Any], source: str = "config") -> GenerateJobConfig | ScoreJobConfig:
+def validate_job_config(kind: JobKind, raw: dict[str, Any],
+                        source: str = "config") -> GenerateJobConfig | ScoreJobConfig:
     try:
         return CONFIG_CLASSES[kind].model_validate(raw)
     except ValidationError as exc:

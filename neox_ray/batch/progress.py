@@ -119,9 +119,11 @@ class ProgressReporter:
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"== {summary['kind']} job complete: {summary['rows']:,} rows "
-             f"({summary['rows_ok']:,} ok, {summary['rows_failed']:,} failed) in {format_duration(summary.get('wall_time_s'))}"]
+             f"({summary['rows_ok']:,} ok, {summary['rows_failed']:,} failed) in "
+             f"{format_duration(summary.get('wall_time_s'))}"]
     if summary["kind"] == "generate":
-        lines.append(f"   prompt tokens {summary['prompt_tokens']:,} | generated tokens {summary['generated_tokens']:,} | "
+        lines.append(f"   prompt tokens {summary['prompt_tokens']:,} | "
+                     f"generated tokens {summary['generated_tokens']:,} | "
                      f"{summary.get('generated_tokens_per_s') or 0:,.1f} generated tok/s this run")
     else:
         def number(key: str) -> str:

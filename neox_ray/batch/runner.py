@@ -198,7 +198,8 @@ def _pending_actors(plan: BatchResourcePlan) -> str | None:
         return None
     free = ray.available_resources()
     cpus, gpus = plan.actor_options["num_cpus"], plan.actor_options["num_gpus"]
-    need = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + (" + its shard group" if plan.worker_bundles else "")
+    need = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    need += " + its shard group" if plan.worker_bundles else ""
     return (f"{len(engine_actors)} engine actor(s) pending; each needs {need}; free now: "
             f"{free.get('CPU', 0.0):g} CPUs, {free.get('GPU', 0.0):g} GPUs")
 

@@ -120,8 +120,8 @@ def plan_input(path: str, required_column: str, id_column: str, reserved_columns
             continue
         if required_column not in schema.names:
             if messages_column is not None:
-                raise InputError(f"input file {file_path} has neither a {required_column!r} column (prompts) nor a "
-                                 f"{messages_column!r} column (chat messages) (columns: "
+                raise InputError(f"input file {file_path} has no column {required_column!r} (prompts) and no column "
+                                 f"{messages_column!r} (chat messages) (columns: "
                                  f"{', '.join(schema.names) or 'none'}); set --prompt-column or --messages-column")
             raise InputError(f"input file {file_path} has no column {required_column!r} (columns: "
                              f"{', '.join(schema.names) or 'none'}); set the column name option if it is named "

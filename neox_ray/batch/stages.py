@@ -166,7 +166,7 @@ def prepare_generation(batch: pa.Table, *, model: str, prompt_column: str, sampl
     to_encode = [i for i, e in enumerate(errors) if e is None]
     encoded = tokenizer.encode_batch([prompts[i] for i in to_encode]) if to_encode else []
     token_ids: list[list[int] | None] = [None] * len(prompts)
-    for row, row_ids in zip(to_encode, encoded):
+    for row, row_ids in zip(to_encode, encoded, strict=False):
         token_ids[row] = row_ids
         max_tokens = max_tokens_of[row]
         if not row_ids:
@@ -188,7 +188,7 @@ def prepare_scoring(batch: pa.Table, *, model: str, text_column: str, revision: 
     to_encode = [i for i, e in enumerate(errors) if e is None]
     encoded = tokenizer.encode_batch([texts[i] for i in to_encode]) if to_encode else []
     token_ids: list[list[int] | None] = [None] * len(texts)
-    for row, row_ids in zip(to_encode, encoded):
+    for row, row_ids in zip(to_encode, encoded, strict=False):
         token_ids[row] = row_ids
         if not row_ids:
             errors[row] = "text is empty (no tokens to score)"
@@ -278,7 +278,7 @@ class ScoreEngineStage(_EngineActor):
         rows = [row for row, error in enumerate(errors) if error is None]
         futures = self.engine.score_futures([(texts[row], token_ids[row]) for row in rows], self.window, self.stride)
         scores = {}
-        for row, future in zip(rows, futures):
+        for row, future in zip(rows, futures, strict=False):
             try:
                 scores[row] = future.result()
             except ScoreItemError as exc:
@@ -287,7 +287,7 @@ class ScoreEngineStage(_EngineActor):
                 self._exit_if_dead(exc)
                 errors[row] = f"engine error: {exc}"
         finished = time.time()
-        columns = {name: [] for name in SCORE_COLUMNS if name != "error"}
+        columns: dict[str, list[Any]] = {name: [] for name in SCORE_COLUMNS if name != "error"}
         for row in range(batch.num_rows):
             score = scores.get(row) if errors[row] is None else None
             for name in columns:

@@ -27,8 +27,8 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
 
 from neox_ray.engine.llm_engine import LLMEngine, RequestFailedError
 from neox_ray.engine.outputs import RequestOutput, ScoreOutput

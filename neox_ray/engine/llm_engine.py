@@ -422,7 +422,7 @@ class LLMEngine:
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.scheduler.eos_token_ids))
-        row = SamplingRow(**dict(zip(SAMPLING_KNOBS, _read_knobs(params))), seed=seq.seed,
+        row = SamplingRow(**dict(zip(SAMPLING_KNOBS, _read_knobs(params), strict=False)), seed=seq.seed,
                           output_position=seq.num_output_tokens, banned_token_ids=banned)
         if row.needs_history:  # token history only travels when a penalty needs it
             row.output_token_ids = seq.output_token_ids

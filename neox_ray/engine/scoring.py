@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from neox_ray.engine.outputs import ScoreOutput
 
@@ -89,9 +89,11 @@ class ScoreTask:
     def finish(self, window_prompt_logprobs: list[list[dict[int, float] | None]],
                keep_token_logprobs: bool) -> ScoreOutput:
         logprobs: list[float] = []
-        for w, entries in zip(self.windows, window_prompt_logprobs):
+        for w, entries in zip(self.windows, window_prompt_logprobs, strict=False):
             for position in range(w.first_target, w.end):
-                logprobs.append(entries[position - w.begin][self.full_tokens[position]])
+                entry = entries[position - w.begin]
+                assert entry is not None, "a scored position came back without its logprob"
+                logprobs.append(entry[self.full_tokens[position]])
         return score_metrics(logprobs, self.text, keep_token_logprobs)
 
 

@@ -18,6 +18,7 @@ the rank within about a second, and the whole group is torn down so a new ``LLM`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -31,8 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from neox_ray.config import ModelConfig
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.step import StepInput, StepOutput
-from neox_ray.ray.resources import (ClusterResources, shard_group_bundles, shard_worker_options,
-                                    shard_worker_threads)
+from neox_ray.ray.resources import ClusterResources, shard_group_bundles, shard_worker_options, shard_worker_threads
 
 if TYPE_CHECKING:
     from neox_ray.engine.model_runner import ModelRunner
@@ -161,14 +161,10 @@ class RayShardGroupExecutor:
 
     def shutdown(self) -> None:
         for worker in self.workers:
-            try:
+            with contextlib.suppress(Exception):  # already dead
                 ray.kill(worker)
-            except Exception:  # already dead
-                pass
         self.workers = []
         if self.placement_group is not None:
-            try:
+            with contextlib.suppress(Exception):
                 remove_placement_group(self.placement_group)
-            except Exception:
-                pass
             self.placement_group = None
