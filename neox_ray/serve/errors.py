@@ -2,7 +2,9 @@
 
 :class:`APIError` is what route code raises; :func:`install_error_handlers` turns it, FastAPI's request
 validation errors (422 by default; 400 naming ``param`` here), routing errors and anything unexpected
-into that shape. Deciding *which* error applies is the routes' job.
+into that shape. Messages are short: they name the field and the rule, never echo the input or show
+internals (an unexpected error is logged here and answered with a generic 500). Deciding *which* error
+applies is the routes' job.
 """
 
 from __future__ import annotations
@@ -44,12 +46,26 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
+class HTTPAPIError(StarletteHTTPException):
+    """An :class:`APIError` raised where only HTTP exceptions pass through untouched (FastAPI turns any other
+    exception raised while it reads a request body into a generic 400)."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status_code, error.message, headers=error.headers)
+        self.error = error
+
+
 def bad_request(message: str, param: str | None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def request_too_large(limit_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server accepts ({limit_bytes} bytes)",
+                    code="request_too_large")
 
 
 def request_timeout(timeout_s: float) -> APIError:
@@ -116,10 +132,13 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, int], None
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, HTTPAPIError):
+            return respond(request, exc.error)
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return respond(request, APIError(exc.status_code, str(exc.detail), error_type=error_type))
 
     @app.exception_handler(Exception)
     async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error serving %s", request.url.path)
-        return respond(request, APIError(500, f"internal error: {exc!r}", error_type="server_error"))
+        return respond(request, APIError(500, "internal server error (logged on the server)",
+                                         error_type="server_error"))
