@@ -303,30 +303,41 @@ def test_tighter_limits_apply(tiny_checkpoint: Path) -> None:
         engine.shutdown()
 
 
-def test_disconnect_seen_as_a_failed_send_ends_the_stream_quietly(served: Served,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """ASGI spec 2.4 servers tell the app of a gone client by failing ``send`` (uvicorn says 2.3 and sends
-    ``http.disconnect`` instead, which the real-server test covers): still no 500 and the request is aborted."""
+@pytest.mark.parametrize("how", ["send fails", "receive fails"])
+def test_disconnect_told_by_an_error_ends_the_stream_quietly(served: Served, caplog: pytest.LogCaptureFixture,
+                                                             how: str) -> None:
+    """Servers other than uvicorn (which sends ``http.disconnect``, covered by the real-server test) tell the app
+    of a gone client by failing ``send`` (ASGI spec 2.4) or ``receive`` (Ray Serve's replica raises
+    ``TaskCancelledError``): still no 500, nothing logged as an error, and the request is aborted."""
     from neox_ray.serve.server import create_app
 
     caplog.set_level(logging.WARNING)
     app = create_app(served.server)
     body = json.dumps({**BASE, "prompt": "Ray Data", "max_tokens": 500, "ignore_eos": True, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+    spec_version = "2.4" if how == "send fails" else "2.3"
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
              "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
     sent: list[dict[str, Any]] = []
     aborted_before = served.engine.engine.stats()["aborted_requests"]
 
+    body_read = False
+
     async def receive() -> dict[str, Any]:
-        if not sent:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.sleep(3600)  # a 2.4 server need not say http.disconnect
-        return {"type": "http.disconnect"}
+        if how == "send fails":
+            await asyncio.sleep(3600)  # a 2.4 server need not say http.disconnect
+        while len(sent) < 3:
+            await asyncio.sleep(0.01)
+        raise RuntimeError("the task serving this request was cancelled")  # as Ray Serve's receive does
 
     async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and any(m["type"] == "http.response.body" for m in sent):
+        if how == "send fails" and message["type"] == "http.response.body" and \
+                any(m["type"] == "http.response.body" for m in sent):
             raise OSError("the client went away")
         sent.append(message)
 

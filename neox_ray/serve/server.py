@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from neox_ray.engine.async_engine import (
     AsyncLLMEngine,
@@ -80,6 +81,8 @@ from neox_ray.serve.protocol import (
     now_s,
 )
 from neox_ray.serve.request_body import RequestBodyMiddleware
+
+logger = logging.getLogger(__name__)
 
 # Request fields copied into the engine's SamplingParams: derived from the schema, never listed here.
 # prompt_logprobs is not one: echo=true with logprobs sets it (the response has no other place for them).
@@ -512,11 +515,20 @@ class OpenAIServer:
 
 class EventStreamResponse(StreamingResponse):
     """Server-sent events whose client may leave mid-stream: that ends the response quietly (the events
-    generator is closed at once, aborting its engine requests), not as a 500 with a traceback."""
+    generator is closed at once, aborting its engine requests), not as a 500 with a traceback. Servers say
+    so in different ways: ``http.disconnect`` (uvicorn), a failing ``send`` (ASGI 2.4), a failing ``receive``
+    (Ray Serve's replica raises ``TaskCancelledError`` there); the last is read as a disconnect."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_or_disconnect() -> Message:
+            try:
+                return await receive()
+            except Exception:  # only used to listen for a disconnect: a client we cannot hear from is gone
+                logger.debug("receive failed mid-stream; treating it as a disconnect", exc_info=True)
+                return {"type": "http.disconnect"}
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive_or_disconnect, send)
         except (ClientDisconnect, OSError):
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
