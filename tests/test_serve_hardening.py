@@ -350,3 +350,14 @@ def test_disconnect_told_by_an_error_ends_the_stream_quietly(served: Served, cap
     assert served.engine.engine.stats()["aborted_requests"] == aborted_before + 1
     assert not _server_errors(_counted(served.url))
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_score_window_count_matches_the_plan() -> None:
+    from neox_ray.engine.scoring import plan_windows
+    from neox_ray.serve.server import score_window_count
+
+    for num_tokens in (0, 1, 2, 7, 8, 9, 15, 16, 17, 100):
+        for window in (2, 3, 8, 16):
+            for stride in range(1, window):
+                expected = len(plan_windows(num_tokens, window, stride))
+                assert score_window_count(num_tokens, window, stride) == expected, (num_tokens, window, stride)

@@ -23,6 +23,8 @@ from neox_ray.engine.schema import describe_error
 
 logger = logging.getLogger(__name__)
 
+# FastAPI's detail when reading the body fails other than by a JSON syntax error (bad UTF-8, deep nesting, ...).
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 # Seconds a client is told to wait after a 503 (queue full); one engine step is far shorter.
 RETRY_AFTER_S = 1
 
@@ -103,10 +105,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first.get('msg', '')}", None)
     if not location:
+        if first.get("type") == "missing":
+            return bad_request("the request body is empty; expected a JSON object", None)
         return bad_request(f"invalid request body: {first.get('msg', 'expected a JSON object')}", None)
     param = location[0]
     if first.get("type") == "extra_forbidden":
-        return bad_request(f"unrecognized request argument supplied: {param}", param)
+        return bad_request(f"unrecognized request argument supplied: {'.'.join(location)}", param)
     if first.get("type") == "missing":
         return bad_request(f"missing required argument: {param}", param)
     # One short line naming the field, as SamplingParams words it; never the whole input echoed back.
@@ -134,6 +138,9 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, int], None
     async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, HTTPAPIError):
             return respond(request, exc.error)
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:  # not JSON that json.loads can read
+            return respond(request, bad_request("the request body is not valid JSON (it must be UTF-8, not nested "
+                                                "too deeply, with numbers of at most 4300 digits)", None))
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return respond(request, APIError(exc.status_code, str(exc.detail), error_type=error_type))
 

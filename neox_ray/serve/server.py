@@ -463,6 +463,7 @@ class OpenAIServer:
         prompts = await self.prepare_prompts(items, "input", None, decode_ids=True)
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         score_items = [(p.text or "", p.token_ids) for p in prompts]
+        self.check_score_windows(prompts, window, stride)  # before the engine slices any window
         try:
             scores = await self.engine.score(score_items, window, stride, body.return_token_logprobs,
                                              self.deadline(arrival))
@@ -472,9 +473,6 @@ class OpenAIServer:
             raise bad_request(f"{where}{exc.message}", "input", code) from None
         except ValueError as exc:
             raise bad_request(str(exc), "input") from None
-        except QueueFullError as exc:
-            self.check_score_windows(score_items, window, stride)
-            raise self.engine_error(exc) from None
         except ENGINE_ERRORS as exc:
             self.metrics.prompt_tokens.inc(prompt_tokens)  # it was accepted, then failed or timed out
             raise self.engine_error(exc) from None
@@ -492,10 +490,10 @@ class OpenAIServer:
         return JSONResponse(dump(ScoreResponse(model=self.settings.served_model_name, data=results,
                                                usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))))
 
-    def check_score_windows(self, items: list[tuple[str, list[int]]], window: int, stride: int) -> None:
-        """After a 503: a 400 instead if the texts need more windows than the queue ever holds."""
+    def check_score_windows(self, prompts: list[_Prompt], window: int, stride: int) -> None:
+        """A 400 if the texts need more windows than the queue ever holds (counted, not built)."""
         limit = self.engine.max_queued_requests
-        windows = len(self.llm_engine.plan_scores(items, window, stride).requests())
+        windows = sum(score_window_count(len(p.token_ids), window, stride) for p in prompts)
         if limit is not None and windows > limit:
             raise bad_request(f"these texts need {windows} scoring windows, more than this server ever queues "
                               f"(max_queued_requests={limit}); send fewer or shorter texts, or a larger stride",
@@ -533,6 +531,16 @@ class EventStreamResponse(StreamingResponse):
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()
+
+
+def score_window_count(num_text_tokens: int, window: int, stride: int) -> int:
+    """``len(plan_windows(num_text_tokens, window, stride))`` (:mod:`neox_ray.engine.scoring`) without building
+    them: windows start every ``stride`` tokens of the text plus its leading end-of-text token, until one
+    reaches the end."""
+    total = num_text_tokens + 1
+    if total < 2:
+        return 0
+    return 1 if total <= window else 1 + -(-(total - window) // stride)
 
 
 def check_text_fields(body: BaseModel) -> None:
