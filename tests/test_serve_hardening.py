@@ -33,9 +33,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MODEL_NAME = "tiny"
 # max_model_len beyond the checkpoint's 256 positions lets one stream run for seconds (see test_serve_api).
-ENGINE = {"dtype": "float32", "device": "cpu", "max_num_seqs": 32, "max_model_len": 1024}
+ENGINE = {"dtype": "float32", "device": "cpu", "max_num_seqs": 32, "max_model_len": 2048}
 MAX_QUEUED = 64
-STREAM_TOKENS = 900
+STREAM_TOKENS = 2000
 BASE = {"model": MODEL_NAME, "max_tokens": 2}
 
 

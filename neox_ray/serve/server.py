@@ -366,8 +366,10 @@ class OpenAIServer:
         self.check_n(body.n)
         items = self.prompt_items(body.prompt, "prompt")
         prefill_only = body.max_tokens == 0  # echo=true: the prompt, scored, and nothing generated
-        engine_sequences = 0 if prefill_only and body.logprobs is None else len(items) * (1 if prefill_only else body.n)
-        self.check_request_size(body, items, "prompt", engine_sequences)
+        # What the engine would queue: n samples per prompt; echo scores each prompt once (a plain echo: nothing).
+        samples = body.n if not prefill_only else 1 if body.logprobs is not None else 0
+        sequences = len(items) * samples
+        self.check_request_size(body, items, "prompt", sequences)
         prompts = await self.prepare_prompts(items, "prompt", 0 if prefill_only else params.max_tokens)
         self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prompts))
         assembler = _CompletionAssembler(self, body, prompts, prefill_only)
@@ -449,7 +451,7 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
 
         return EventStreamResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- /v1/score -----------------------------------------------------------------------------------
     async def score(self, body: ScoreRequest, arrival: float) -> Response:
@@ -555,8 +557,8 @@ def check_text_fields(body: BaseModel) -> None:
 def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, str):
         return _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(item) for item in value if not isinstance(item, int))
+    if isinstance(value, list):  # homogeneous by the schema: texts, or token ids (never walked)
+        return bool(value) and not isinstance(value[0], int) and any(_has_lone_surrogate(item) for item in value)
     if isinstance(value, dict):
         return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
     if isinstance(value, BaseModel):
