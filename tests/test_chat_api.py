@@ -66,7 +66,8 @@ class _Server:
 
     def post(self, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.root + path, json=body, headers=headers, timeout=60)
+        headers["Content-Type"] = "application/json"  # ASCII JSON: a lone surrogate travels as \ud800
+        return httpx.post(self.root + path, content=json.dumps(body), headers=headers, timeout=60)
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -176,6 +177,19 @@ def test_bad_fields_are_400(server: _Server) -> None:
         response = server.post("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **body})
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == param, (body, response.text)
+
+
+def test_hostile_chat_bodies_are_400(server: _Server) -> None:
+    """Checked before rendering: a lone surrogate, too many characters, an n the server never queues."""
+    cases = [({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+             ({"messages": [{"role": "user", "content": "x" * (1 << 20 + 1)}]}, "messages"),
+             ({"messages": MESSAGES, "n": 100}, "n")]
+    for body, param in cases:
+        response = server.post("/v1/chat/completions", {"model": MODEL, **body})
+        assert response.status_code == 400, (param, response.text[:200])
+        assert response.json()["error"]["param"] == param and len(response.json()["error"]["message"]) < 300
+    assert server.post("/tokenize", {"prompt": "\ud800"}).status_code == 400
+    assert httpx.get(server.root + "/health").status_code == 200
 
 
 def test_template_less_model_is_400_and_override_works(tiny_checkpoint: Path, tmp_path: Path) -> None:

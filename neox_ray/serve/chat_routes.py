@@ -1,6 +1,7 @@
 """``/v1/chat/completions`` and the tokenizer routes, on top of :class:`~neox_ray.serve.server.OpenAIServer`.
 
-Chat renders the messages with the checkpoint's chat template (:mod:`neox_ray.chat`, off the event loop),
+Chat renders the messages with the checkpoint's chat template (:mod:`neox_ray.chat`, on the server's
+tokenizer threads, after the same size checks as completions: lone surrogates, characters, ``n``),
 then runs exactly like a completion of that text: same engine submission, limits, timeouts, errors and
 metrics as ``/v1/completions`` (the server's helpers). Streamed chunks carry ``delta.role`` first, then
 ``delta.content``, then the finish reason; ``usage`` comes last when ``stream_options.include_usage``.
@@ -11,7 +12,6 @@ The tokenizer routes follow vLLM (what lm-eval's ``tokenizer_backend=remote`` re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import defaultdict
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from neox_ray.chat import ChatTemplate, ChatTemplateError, MessagesError
 from neox_ray.engine.async_engine import EngineRequest
@@ -46,7 +46,7 @@ from neox_ray.serve.chat_protocol import (
 from neox_ray.serve.errors import bad_request
 from neox_ray.serve.metrics import TokenLatencyObserver
 from neox_ray.serve.protocol import Usage, clamp_logprob, dump, now_s
-from neox_ray.serve.server import ENGINE_ERRORS, SAMPLING_FIELDS, OpenAIServer
+from neox_ray.serve.server import ENGINE_ERRORS, SAMPLING_FIELDS, EventStreamResponse, OpenAIServer
 
 # Chat's logprobs/max_tokens differ in meaning from the engine's; everything else is copied by name.
 _CHAT_SAMPLING_FIELDS = (SAMPLING_FIELDS & set(ChatCompletionRequest.model_fields)) - {"logprobs", "max_tokens"}
@@ -103,7 +103,10 @@ class ChatRoutes:
     async def chat_completions(self, body: ChatCompletionRequest, arrival: float) -> Response:
         server = self.server
         server.check_model(body.model)
-        token_ids = await asyncio.to_thread(self.render, body.messages, body.add_generation_prompt)
+        server.check_n(body.n)
+        # Lone surrogates, characters, and n against the queue: before any rendering or tokenizing.
+        server.check_request_size(body, [_message_text(body.messages)], "messages", body.n)
+        token_ids = await server.on_tokenizer_threads(self.render, body.messages, body.add_generation_prompt)
         params = self.sampling_params(body, len(token_ids))
         try:
             self.engine.validate_prompt(token_ids, params.max_tokens)
@@ -156,8 +159,8 @@ class ChatRoutes:
                     stream.abort_unfinished()  # the client went away, or an error: free the engine slots
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStreamResponse(events(), media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         finals = await server.collect(stream, observer)
         choices = assembler.final_choices(finals[0])
@@ -178,8 +181,10 @@ class ChatRoutes:
         self._check_optional_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give either prompt or messages", "prompt")
+        text = body.prompt if body.prompt is not None else _message_text(body.messages or [])
+        self.server.check_request_size(body, [text], "prompt" if body.prompt is not None else "messages", 0)
         if body.messages is not None:
-            tokens = await asyncio.to_thread(self.render, body.messages, body.add_generation_prompt)
+            tokens = await self.server.on_tokenizer_threads(self.render, body.messages, body.add_generation_prompt)
             if body.add_special_tokens:
                 tokens = self.tokenizer.encode(self.tokenizer.decode(tokens, skip_special_tokens=False),
                                                add_special_tokens=True)
@@ -187,7 +192,7 @@ class ChatRoutes:
             prompt = body.prompt or ""
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             try:
-                tokens = await asyncio.to_thread(self.tokenizer.encode, prompt, add_special)
+                tokens = await self.server.on_tokenizer_threads(self.tokenizer.encode, prompt, add_special)
             except (UnicodeEncodeError, ValueError):
                 raise bad_request("prompt is not valid UTF-8 text (lone surrogate?)", "prompt") from None
         token_strs = [self.server.token_text(t) for t in tokens] if body.return_token_strs else None
@@ -201,7 +206,7 @@ class ChatRoutes:
             if not 0 <= token < vocab:
                 raise bad_request(f"tokens[{index}]: token id {token} is outside the vocabulary [0, {vocab})",
                                   "tokens")
-        text = await asyncio.to_thread(self.tokenizer.decode, body.tokens, False)
+        text = await self.server.on_tokenizer_threads(self.tokenizer.decode, body.tokens, False)
         return DetokenizeResponse(prompt=text)
 
     def tokenizer_info(self) -> dict[str, Any]:
@@ -301,6 +306,11 @@ class _ChatAssembler:
         raw = self.server.tokenizer.decode([token_id], skip_special_tokens=False)
         return TopLogprob(token=text, logprob=clamp_logprob(logprob),
                           bytes=list(raw.encode("utf-8", errors="replace")) if "\ufffd" not in raw else None)
+
+
+def _message_text(messages: list[Any]) -> str:
+    """The messages' string contents joined: what the per-request character limit counts."""
+    return "".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
 def _finish(sample: CompletionOutput) -> Any:

@@ -50,6 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         engine.add_argument(spec.flag, **spec.argparse_options(spec.default))
     parser.add_argument("--max-queued-requests", type=int, help="per replica; beyond it requests get 503")
     parser.add_argument("--request-timeout-s", type=float, help="per request; beyond it requests get 408")
+    parser.add_argument("--max-body-bytes", type=int, help="request body size; beyond it 413 (default 8 MiB)")
+    parser.add_argument("--max-prompts-per-request", type=int,
+                        help="prompts (or /v1/score texts) per request; beyond it 400 (default 256)")
+    parser.add_argument("--max-prompt-chars", type=int,
+                        help="characters of text prompts per request; beyond it 400 (default 1 MiB)")
+    parser.add_argument("--max-n", type=int, help="a cap on n below the schema's 128; beyond it 400")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved Serve config and exit")
     parser.set_defaults(func=run)
@@ -73,8 +79,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key in (("host", "host"), ("port", "port")):
         if getattr(args, flag) is not None:
             http[key] = getattr(args, flag)
-    for flag in ("model", "api_key_env", "api_key_file", "served_model_name", "chat_template",
-                 "max_queued_requests", "request_timeout_s"):
+    for flag in ("model", "api_key_env", "api_key_file", "served_model_name", "chat_template", "max_queued_requests",
+                 "request_timeout_s", "max_body_bytes", "max_prompts_per_request", "max_prompt_chars", "max_n"):
         if getattr(args, flag) is not None:
             app_args[flag] = getattr(args, flag)
     engine = app_args.setdefault("engine", {})

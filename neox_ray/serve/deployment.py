@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -28,7 +28,14 @@ from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.hub import looks_like_hub_id, parse_model_ref
 from neox_ray.ray.resources import SERVE_CPU_REPLICA_NUM_CPUS, ClusterResources, engine_actor_options
 from neox_ray.serve.auth import load_api_keys
-from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
+from neox_ray.serve.server import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    OpenAIServer,
+    ServerSettings,
+    create_app,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,12 @@ class ServeArgs(BaseModel):
     engine: dict[str, Any] = {}                 # EngineConfig options (validated by it): dtype, max_num_seqs, ...
     max_queued_requests: int | None = 256       # per replica, running + waiting; beyond it: 503 + Retry-After
     request_timeout_s: float | None = 600.0     # per request; beyond it: aborted, 408
+    # Per request, answered before tokenization (null: no limit): body bytes (413), prompts or score texts,
+    # characters of text prompts, and a cap on n below the schema's 128 (400).
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
+    max_prompts_per_request: int | None = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS
+    max_n: int | None = None
     api_key_env: str | None = None              # default: NEOX_RAY_API_KEY if set
     api_key_file: str | None = None
     replica_num_cpus: float | None = None       # default: 1 with a GPU, else 0.5
@@ -54,6 +67,13 @@ class ServeArgs(BaseModel):
     def _positive_queue(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"max_queued_requests must be >= 1 or null, got {value}")
+        return value
+
+    @field_validator("max_body_bytes", "max_prompts_per_request", "max_prompt_chars", "max_n")
+    @classmethod
+    def _positive_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1 or null, got {value}")
         return value
 
     @field_validator("request_timeout_s")
@@ -95,7 +115,9 @@ class NeoxRayServer:
         self.async_engine = AsyncLLMEngine(self.llm.engine, args.max_queued_requests)
         self.server = OpenAIServer(self.async_engine, ServerSettings(
             served_model_name=args.model_name, request_timeout_s=args.request_timeout_s,
-            api_keys=tuple(api_keys), chat_template=args.chat_template))
+            api_keys=tuple(api_keys), chat_template=args.chat_template, max_body_bytes=args.max_body_bytes,
+            max_prompt_chars=args.max_prompt_chars, max_prompts_per_request=args.max_prompts_per_request,
+            max_n=args.max_n))
         logger.info("serving %s as %r (max_queued_requests=%s, request_timeout_s=%s, auth=%s)", args.model,
                     args.model_name, args.max_queued_requests, args.request_timeout_s, bool(api_keys))
 

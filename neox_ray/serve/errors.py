@@ -2,7 +2,9 @@
 
 :class:`APIError` is what route code raises; :func:`install_error_handlers` turns it, FastAPI's request
 validation errors (422 by default; 400 naming ``param`` here), routing errors and anything unexpected
-into that shape. Deciding *which* error applies is the routes' job.
+into that shape. Messages are short: they name the field and the rule, never echo the input or show
+internals (an unexpected error is logged here and answered with a generic 500). Deciding *which* error
+applies is the routes' job.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from neox_ray.engine.schema import describe_error
 
 logger = logging.getLogger(__name__)
 
+# FastAPI's detail when reading the body fails other than by a JSON syntax error (bad UTF-8, deep nesting, ...).
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 # Seconds a client is told to wait after a 503 (queue full); one engine step is far shorter.
 RETRY_AFTER_S = 1
 
@@ -44,12 +48,26 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
+class HTTPAPIError(StarletteHTTPException):
+    """An :class:`APIError` raised where only HTTP exceptions pass through untouched (FastAPI turns any other
+    exception raised while it reads a request body into a generic 400)."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status_code, error.message, headers=error.headers)
+        self.error = error
+
+
 def bad_request(message: str, param: str | None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def request_too_large(limit_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server accepts ({limit_bytes} bytes)",
+                    code="request_too_large")
 
 
 def request_timeout(timeout_s: float) -> APIError:
@@ -87,10 +105,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first.get('msg', '')}", None)
     if not location:
+        if first.get("type") == "missing":
+            return bad_request("the request body is empty; expected a JSON object", None)
         return bad_request(f"invalid request body: {first.get('msg', 'expected a JSON object')}", None)
     param = location[0]
     if first.get("type") == "extra_forbidden":
-        return bad_request(f"unrecognized request argument supplied: {param}", param)
+        return bad_request(f"unrecognized request argument supplied: {'.'.join(location)}", param)
     if first.get("type") == "missing":
         return bad_request(f"missing required argument: {param}", param)
     # One short line naming the field, as SamplingParams words it; never the whole input echoed back.
@@ -116,10 +136,16 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, int], None
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, HTTPAPIError):
+            return respond(request, exc.error)
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:  # not JSON that json.loads can read
+            return respond(request, bad_request("the request body is not valid JSON (it must be UTF-8, not nested "
+                                                "too deeply, with numbers of at most 4300 digits)", None))
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return respond(request, APIError(exc.status_code, str(exc.detail), error_type=error_type))
 
     @app.exception_handler(Exception)
     async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error serving %s", request.url.path)
-        return respond(request, APIError(500, f"internal error: {exc!r}", error_type="server_error"))
+        return respond(request, APIError(500, "internal server error (logged on the server)",
+                                         error_type="server_error"))

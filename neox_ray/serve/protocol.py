@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from neox_ray.engine.sampling_params import MAX_TOKENS_LIMIT, SamplingFields
 from neox_ray.engine.schema import StrictModel
@@ -54,9 +54,9 @@ class CompletionRequest(SamplingFields):
 SAMPLING_REQUEST_FIELDS = tuple(name for name in CompletionRequest.model_fields if name in SamplingFields.model_fields)
 
 
-class ScoreRequest(BaseModel):
-    """``POST /v1/score`` (extension): per-text NLL / perplexity, the fields of ``LLM.score``."""
-    model_config = ConfigDict(extra="forbid")
+class ScoreRequest(StrictModel):
+    """``POST /v1/score`` (extension): per-text NLL / perplexity, the fields of ``LLM.score``. Strict like
+    :class:`CompletionRequest`: ``"8"`` is not a window, unknown fields are rejected."""
 
     model: str
     input: PromptField
@@ -88,11 +88,14 @@ class CompletionLogprobs(BaseModel):
         self.text_offset.append(offset)
 
 
+FinishReason = Literal["stop", "length", "abort"]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class Usage(BaseModel):

@@ -7,35 +7,82 @@ inside the engine) that join the engine's running batch. Their updates come back
 events, and engine errors into HTTP statuses: ``max_queued_requests`` (503 + ``Retry-After``, the
 engine's own pending count), ``request_timeout_s`` (408), a request the engine failed (500).
 
+Hostile or careless input is answered before it costs anything: the body size (413, in
+:mod:`neox_ray.serve.request_body`), then the prompt count, prompt characters, ``n`` and a request that
+could never fit the queue (400, before tokenization); tokenization and prompt validation run on a small
+thread pool, so a large prompt never stalls other clients' streams. A client that goes away mid-stream
+ends its response quietly (its requests are aborted; no 500, no traceback).
+
 No Ray import: the same app runs inside a Serve replica (:mod:`neox_ray.serve.deployment`) or in-process.
 Generation, stop strings and detokenization are the engine's; schemas are :mod:`neox_ray.serve.protocol`'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
-from neox_ray.engine.async_engine import (AsyncLLMEngine, DeadlineExceeded, EngineDeadError, EngineRequest,
-                                          QueueFullError, RequestFailedError, RequestStream)
+from neox_ray.engine.async_engine import (
+    AsyncLLMEngine,
+    DeadlineExceeded,
+    EngineDeadError,
+    EngineRequest,
+    QueueFullError,
+    RequestFailedError,
+    RequestStream,
+)
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.schema import SettingsError
+from neox_ray.engine.schema import SettingsError, short_repr
 from neox_ray.engine.scoring import ScoreItemError
 from neox_ray.serve.auth import APIKeyChecker
-from neox_ray.serve.errors import (APIError, bad_request, engine_dead, install_error_handlers, param_from_message,
-                                   queue_full, request_timeout)
+from neox_ray.serve.errors import (
+    APIError,
+    bad_request,
+    engine_dead,
+    install_error_handlers,
+    param_from_message,
+    queue_full,
+    request_timeout,
+)
 from neox_ray.serve.metrics import ServerMetrics, TokenLatencyObserver
-from neox_ray.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                     ModelCard, ModelList, PromptField, SAMPLING_REQUEST_FIELDS, ScoreRequest,
-                                     ScoreResponse, ScoreResult, Usage, clamp_logprob, dump, finite_or_none,
-                                     new_completion_id, now_s)
+from neox_ray.serve.protocol import (
+    SAMPLING_REQUEST_FIELDS,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    FinishReason,
+    ModelCard,
+    ModelList,
+    PromptField,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    Usage,
+    clamp_logprob,
+    dump,
+    finite_or_none,
+    new_completion_id,
+    now_s,
+)
+from neox_ray.serve.request_body import RequestBodyMiddleware
+
+logger = logging.getLogger(__name__)
 
 # Request fields copied into the engine's SamplingParams: derived from the schema, never listed here.
 # prompt_logprobs is not one: echo=true with logprobs sets it (the response has no other place for them).
@@ -47,12 +94,29 @@ EngineError = DeadlineExceeded | EngineDeadError | QueueFullError | RequestFaile
 ENGINE_ERRORS = (DeadlineExceeded, EngineDeadError, QueueFullError, RequestFailedError)
 
 
+# Per-request limits (None: no limit of the server's own). OpenAI documents 2048 inputs per embeddings
+# request and none for completions; vLLM sets none. These defaults stay far below what would hurt one replica.
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024      # 413 beyond it, before the body is parsed
+DEFAULT_MAX_PROMPT_CHARS = 1024 * 1024        # characters of text prompts, summed over one request
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 256         # prompts (completions) or texts (score) in one request
+TOKENIZER_THREADS = 4
+
+# A code point in U+D800..U+DFFF: JSON can spell one alone ("\ud800"), but it is not text.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+T = TypeVar("T")
+
 @dataclass
 class ServerSettings:
     served_model_name: str
     request_timeout_s: float | None = None
     api_keys: tuple[str, ...] = ()
     chat_template: str | None = None   # a jinja file overriding the checkpoint's chat template
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
+    max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS
+    max_prompts_per_request: int | None = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    max_n: int | None = None                  # a cap below the schema's own bound on ``n``
 
 
 @dataclass
@@ -69,7 +133,7 @@ class _CompletionAssembler:
     once a request finishes, so a streamed echo-with-logprobs choice is held back until then.
     """
 
-    def __init__(self, server: "OpenAIServer", body: CompletionRequest, prompts: list[_Prompt], prefill_only: bool):
+    def __init__(self, server: OpenAIServer, body: CompletionRequest, prompts: list[_Prompt], prefill_only: bool):
         self.server = server
         self.body = body
         self.prompts = prompts
@@ -113,7 +177,8 @@ class _CompletionAssembler:
                 self.completion_tokens += len(sample.token_ids) if sample is not None else 0
             if not text and finish_reason is None and not (logprobs and logprobs.tokens):
                 continue
-            choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason))
+            choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                            finish_reason=cast(FinishReason | None, finish_reason)))
         return choices
 
     def _finish_reason(self, sample: CompletionOutput | None, output: RequestOutput) -> str | None:
@@ -122,7 +187,7 @@ class _CompletionAssembler:
         return sample.finish_reason
 
     def _add_logprobs(self, logprobs: CompletionLogprobs, index: int, token_ids: list[int],
-                      entries: list[dict[int, float] | None] | None) -> None:
+                      entries: Sequence[dict[int, float] | None] | None) -> None:
         entries = list(entries or [])
         for position, token_id in enumerate(token_ids):
             entry = entries[position] if position < len(entries) else None
@@ -150,6 +215,7 @@ class OpenAIServer:
         self.metrics = ServerMetrics(self.llm_engine.stats, lambda: self.engine.num_pending)
         self.created = now_s()
         self._token_text_cache: dict[int, str] = {}
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="neox-ray-tokenize")
 
     # ---- helpers -------------------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -172,34 +238,78 @@ class OpenAIServer:
 
     def check_model(self, model: str) -> None:
         if model != self.settings.served_model_name:
-            raise APIError(400, f"model {model!r} is not served here; this server serves "
+            raise APIError(400, f"model {short_repr(model[:64])} is not served here; this server serves "
                            f"{self.settings.served_model_name!r} (see GET /v1/models)", param="model",
                            code="model_not_found")
 
-    def encode_prompts(self, prompt: PromptField, param: str) -> list[_Prompt]:
+    @staticmethod
+    def prompt_items(prompt: PromptField, param: str) -> list[str | list[int]]:
+        """The request's prompts, one item each (a text, or a list of token ids)."""
         if isinstance(prompt, str):
-            items: list[Any] = [prompt]
-        elif not prompt:
+            return [prompt]
+        if not prompt:
             raise bad_request(f"{param} must not be an empty list", param)
-        elif all(isinstance(t, int) for t in prompt):
-            items = [prompt]
-        else:
-            items = list(prompt)
-        prompts = []
-        for item in items:
-            if isinstance(item, str):
-                prompts.append(_Prompt(item, self.tokenizer.encode(item)))
-            else:
-                prompts.append(_Prompt(None, list(item)))
-        return prompts
+        if all(isinstance(t, int) for t in prompt):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
-    def validate_prompt(self, prompt: _Prompt, max_tokens: int, param: str, index: int, count: int) -> None:
-        try:
-            self.llm_engine.validate_prompt(prompt.token_ids, max_tokens)
-        except ValueError as exc:
-            where = f"{param}[{index}]: " if count > 1 else ""
-            code = "context_length_exceeded" if "max_model_len" in str(exc) else None
-            raise bad_request(f"{where}{exc}", param, code) from None
+    def check_request_size(self, body: BaseModel, items: list[str | list[int]], param: str,
+                           sequences: int) -> None:
+        """The limits a request is held to before tokenization: any lone surrogate in its text fields, the
+        number of prompts, their characters, and ``sequences`` (what it would queue) against the queue."""
+        check_text_fields(body)
+        settings = self.settings
+        if settings.max_prompts_per_request is not None and len(items) > settings.max_prompts_per_request:
+            raise bad_request(f"{param} holds {len(items)} prompts; this server accepts at most "
+                              f"{settings.max_prompts_per_request} per request (max_prompts_per_request)", param)
+        chars = sum(len(item) for item in items if isinstance(item, str))
+        if settings.max_prompt_chars is not None and chars > settings.max_prompt_chars:
+            raise bad_request(f"{param} holds {chars} characters; this server accepts at most "
+                              f"{settings.max_prompt_chars} per request (max_prompt_chars)", param,
+                              "context_length_exceeded")
+        limit = self.engine.max_queued_requests
+        if limit is not None and sequences > limit:
+            raise bad_request(f"this request needs {sequences} sequences (prompts x n), more than this server "
+                              f"ever queues (max_queued_requests={limit}); split it into smaller requests",
+                              "n" if sequences > len(items) else param)
+
+    def check_n(self, n: int) -> None:
+        if self.settings.max_n is not None and n > self.settings.max_n:
+            raise bad_request(f"n must be <= {self.settings.max_n} on this server, got {n}", "n")
+
+    async def on_tokenizer_threads(self, function: Callable[..., T], *args: Any) -> T:
+        """Runs ``function(*args)`` on the tokenizer threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, function, *args)
+
+    async def prepare_prompts(self, items: list[str | list[int]], param: str, max_tokens: int | None,
+                              decode_ids: bool = False) -> list[_Prompt]:
+        """Tokenizes and validates on the tokenizer threads (the event loop keeps serving other clients).
+        ``max_tokens`` set: each prompt must leave room for it (completions); unset: only token ids are
+        checked (scoring windows long texts itself). ``decode_ids``: token-id prompts get their text too."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_pool, self._prepare_prompts, items, param, max_tokens,
+                                          decode_ids)
+
+    def _prepare_prompts(self, items: list[str | list[int]], param: str, max_tokens: int | None,
+                         decode_ids: bool) -> list[_Prompt]:
+        texts = [item for item in items if isinstance(item, str)]
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])  # encode_batch releases the GIL
+        prompts = []
+        for index, item in enumerate(items):
+            prompt = _Prompt(item, next(encoded)) if isinstance(item, str) else _Prompt(None, list(item))
+            where = f"{param}[{index}]: " if len(items) > 1 else ""
+            try:
+                if max_tokens is not None:
+                    self.llm_engine.validate_prompt(prompt.token_ids, max_tokens)
+                else:
+                    self.llm_engine.validate_token_ids(prompt.token_ids)
+            except ValueError as exc:
+                code = "context_length_exceeded" if "max_model_len" in str(exc) else None
+                raise bad_request(f"{where}{exc}", param, code) from None
+            if decode_ids and prompt.text is None:
+                prompt.text = self.prompt_text(prompt)
+            prompts.append(prompt)
+        return prompts
 
     def deadline(self, arrival: float) -> float | None:
         timeout = self.settings.request_timeout_s
@@ -260,10 +370,14 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, arrival: float) -> Response:
         self.check_model(body.model)
         params = self.sampling_params(body)
-        prompts = self.encode_prompts(body.prompt, "prompt")
+        self.check_n(body.n)
+        items = self.prompt_items(body.prompt, "prompt")
         prefill_only = body.max_tokens == 0  # echo=true: the prompt, scored, and nothing generated
-        for index, prompt in enumerate(prompts):
-            self.validate_prompt(prompt, 0 if prefill_only else params.max_tokens, "prompt", index, len(prompts))
+        # What the engine would queue: n samples per prompt; echo scores each prompt once (a plain echo: nothing).
+        samples = body.n if not prefill_only else 1 if body.logprobs is not None else 0
+        sequences = len(items) * samples
+        self.check_request_size(body, items, "prompt", sequences)
+        prompts = await self.prepare_prompts(items, "prompt", 0 if prefill_only else params.max_tokens)
         self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in prompts))
         assembler = _CompletionAssembler(self, body, prompts, prefill_only)
         completion_id, created = new_completion_id(), now_s()
@@ -343,8 +457,8 @@ class OpenAIServer:
                 stream.abort_unfinished()  # the client went away, or an error: free the engine slots
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(events(), media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- /v1/score -----------------------------------------------------------------------------------
     async def score(self, body: ScoreRequest, arrival: float) -> Response:
@@ -353,11 +467,15 @@ class OpenAIServer:
             window, stride = self.llm_engine.score_window(body.window, body.stride)
         except ValueError as exc:
             raise bad_request(str(exc), param_from_message(str(exc), {"window", "stride"}, "window")) from None
-        prompts = self.encode_prompts(body.input, "input")
+        items = self.prompt_items(body.input, "input")
+        self.check_request_size(body, items, "input", len(items))
+        prompts = await self.prepare_prompts(items, "input", None, decode_ids=True)
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        score_items = [(p.text or "", p.token_ids) for p in prompts]
+        self.check_score_windows(prompts, window, stride)  # before the engine slices any window
         try:
-            scores = await self.engine.score([(self.prompt_text(p), p.token_ids) for p in prompts], window, stride,
-                                             body.return_token_logprobs, self.deadline(arrival))
+            scores = await self.engine.score(score_items, window, stride, body.return_token_logprobs,
+                                             self.deadline(arrival))
         except ScoreItemError as exc:
             where = f"input[{exc.index}]: " if len(prompts) > 1 else ""
             code = "context_length_exceeded" if "max_model_len" in exc.message else None
@@ -381,6 +499,15 @@ class OpenAIServer:
         return JSONResponse(dump(ScoreResponse(model=self.settings.served_model_name, data=results,
                                                usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))))
 
+    def check_score_windows(self, prompts: list[_Prompt], window: int, stride: int) -> None:
+        """A 400 if the texts need more windows than the queue ever holds (counted, not built)."""
+        limit = self.engine.max_queued_requests
+        windows = sum(score_window_count(len(p.token_ids), window, stride) for p in prompts)
+        if limit is not None and windows > limit:
+            raise bad_request(f"these texts need {windows} scoring windows, more than this server ever queues "
+                              f"(max_queued_requests={limit}); send fewer or shorter texts, or a larger stride",
+                              "input")
+
     # ---- the rest ------------------------------------------------------------------------------------
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.settings.served_model_name, created=self.created,
@@ -391,6 +518,59 @@ class OpenAIServer:
             self.engine.check_health()
         except EngineDeadError as exc:
             raise engine_dead(str(exc)) from None
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events whose client may leave mid-stream: that ends the response quietly (the events
+    generator is closed at once, aborting its engine requests), not as a 500 with a traceback. Servers say
+    so in different ways: ``http.disconnect`` (uvicorn), a failing ``send`` (ASGI 2.4), a failing ``receive``
+    (Ray Serve's replica raises ``TaskCancelledError`` there); the last is read as a disconnect."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_or_disconnect() -> Message:
+            try:
+                return await receive()
+            except Exception:  # only used to listen for a disconnect: a client we cannot hear from is gone
+                logger.debug("receive failed mid-stream; treating it as a disconnect", exc_info=True)
+                return {"type": "http.disconnect"}
+
+        try:
+            await super().__call__(scope, receive_or_disconnect, send)
+        except (ClientDisconnect, OSError):
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def score_window_count(num_text_tokens: int, window: int, stride: int) -> int:
+    """``len(plan_windows(num_text_tokens, window, stride))`` (:mod:`neox_ray.engine.scoring`) without building
+    them: windows start every ``stride`` tokens of the text plus its leading end-of-text token, until one
+    reaches the end."""
+    total = num_text_tokens + 1
+    if total < 2:
+        return 0
+    return 1 if total <= window else 1 + -(-(total - window) // stride)
+
+
+def check_text_fields(body: BaseModel) -> None:
+    """400 naming the field if a text field holds a lone surrogate (JSON can spell one: ``"\\ud800"``), which
+    no tokenizer or JSON encoder accepts. Lists of token ids are not walked."""
+    for name in body.model_fields_set:
+        if _has_lone_surrogate(getattr(body, name)):
+            raise bad_request(f"{name} holds a lone UTF-16 surrogate (U+D800..U+DFFF), which is not valid text",
+                              name)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, list):  # homogeneous by the schema: texts, or token ids (never walked)
+        return bool(value) and not isinstance(value[0], int) and any(_has_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, BaseModel):
+        return any(_has_lone_surrogate(getattr(value, name)) for name in value.model_fields_set)
+    return False
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -432,11 +612,33 @@ def _route_label(request: Request) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
+def _path_label(app: FastAPI, scope: Scope) -> str:
+    """The route label of a request answered before routing (by the body middleware)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path
+    return path if path in _route_paths(app.routes) else "unmatched"
+
+
+def _route_paths(routes: Sequence[Any]) -> set[str]:
+    """Every route's path, including those of included routers (FastAPI may keep those nested)."""
+    paths: set[str] = set()
+    for route in routes:
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            paths.add(path)
+        nested = getattr(getattr(route, "original_router", None), "routes", None)
+        if nested:
+            paths |= _route_paths(nested)
+    return paths
+
+
 def create_app(server: OpenAIServer) -> FastAPI:
     """The FastAPI app: ``/health`` is open; everything else requires the API key when one is set."""
     app = FastAPI(title="neox-ray", description="OpenAI-compatible GPT-NeoX endpoint", docs_url=None,
                   redoc_url=None, openapi_url=None)
     install_error_handlers(app, lambda request, status: server.metrics.count_request(_route_label(request), status))
+    app.add_middleware(RequestBodyMiddleware, max_body_bytes=server.settings.max_body_bytes,
+                       on_rejected=lambda scope, status: server.metrics.count_request(_path_label(app, scope), status))
 
     async def require_api_key(authorization: str | None = Header(default=None)) -> None:
         server.auth.check(authorization)
