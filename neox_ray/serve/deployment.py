@@ -26,6 +26,7 @@ from ray.serve import Application
 from neox_ray.engine.async_engine import AsyncLLMEngine
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.hub import looks_like_hub_id, parse_model_ref
+from neox_ray.ray.metrics import RayServeMetricsSink
 from neox_ray.ray.resources import SERVE_CPU_REPLICA_NUM_CPUS, ClusterResources, engine_actor_options
 from neox_ray.serve.auth import load_api_keys
 from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
@@ -96,6 +97,9 @@ class NeoxRayServer:
         self.server = OpenAIServer(self.async_engine, ServerSettings(
             served_model_name=args.model_name, request_timeout_s=args.request_timeout_s,
             api_keys=tuple(api_keys), chat_template=args.chat_template))
+        # The same series through Ray's metrics export, tagged with this replica (GET /metrics is one replica's).
+        self.ray_metrics = RayServeMetricsSink(self.llm.engine.stats, lambda: self.async_engine.num_pending)
+        self.server.metrics.add_sink(self.ray_metrics)
         logger.info("serving %s as %r (max_queued_requests=%s, request_timeout_s=%s, auth=%s)", args.model,
                     args.model_name, args.max_queued_requests, args.request_timeout_s, bool(api_keys))
 
