@@ -34,6 +34,7 @@ from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "NeoxRayServer"
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 class ServeArgs(BaseModel):
@@ -84,8 +85,13 @@ class ServeArgs(BaseModel):
         return EngineConfig.from_kwargs(self.model, **self.engine)
 
 
+# Serve counts an HTTP request through an ASGI ingress as ongoing until the app has sent its last message, so a
+# streamed completion counts for autoscaling until it ends, and a replica being scaled down drains: it takes no
+# new requests and shuts down once its ongoing ones finish (checked every graceful_shutdown_wait_loop_s), or at
+# graceful_shutdown_timeout_s, which build_application raises to cover the longest request a replica allows.
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, health_check_period_s=10,
-                  health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+                  graceful_shutdown_wait_loop_s=1)
 @serve.ingress()
 class NeoxRayServer:
     def __init__(self, args: ServeArgs):
@@ -125,6 +131,9 @@ def build_application(args: ServeArgs, **deployment_options: Any) -> Application
         # Let more requests reach the replica than its engine accepts, so overload is answered there (an
         # OpenAI-shaped 503 at once) instead of waiting in Serve's router queue.
         options["max_ongoing_requests"] = max(2 * args.max_queued_requests, args.max_queued_requests + 8)
+    if args.request_timeout_s is not None:
+        # A downscale (or redeploy) lets in-flight streams finish: no request outlives request_timeout_s.
+        options["graceful_shutdown_timeout_s"] = max(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S, args.request_timeout_s + 5)
     options.update({key: value for key, value in deployment_options.items() if value is not None})
     return NeoxRayServer.options(**options).bind(args)  # type: ignore[attr-defined]  # added by @serve.deployment
 
