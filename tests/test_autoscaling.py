@@ -1,5 +1,7 @@
-"""Serve autoscaling on a real local Serve: streamed load scales the app from 1 to 2 replicas and, once it eases,
+"""Autoscaling on a real local Ray. Serve: streamed load scales the app from 1 to 2 replicas and, once it eases,
 back to 1, and every stream started along the way completes (a replica being removed drains its streams).
+Batch: a job with ``min_replicas 1 / max_replicas 2`` grows its engine actor pool, shows the pool's size on its
+progress line, exports its progress as Ray metrics, and writes every row.
 
 Replica counts are read from Ray (``serve.status()``), never inferred from timing. Streams count as ongoing
 requests until they end (Serve counts an ASGI response until its last message), which is what drives the
@@ -147,3 +149,47 @@ def test_streams_scale_serve_up_and_down_without_losing_a_request(ray_session, t
     assert not failed, f"{len(failed)} of {len(load.results)} streams did not complete: {failed[:3]}"
     # The downscale happened with load still on: at least one stream ran across it and completed.
     assert any(r.started < scaled_down_at < r.ended for r in load.results), timeline
+
+
+def test_batch_job_autoscaling_pool_reports_its_size_and_exports_metrics(ray_session, tiny_checkpoint: Path,
+                                                                         tmp_path: Path) -> None:
+    import re
+    import urllib.request
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from neox_ray.batch.config import validate_job_config
+    from neox_ray.batch.runner import run_job
+    from neox_ray.batch.sink import read_output
+
+    rows = 600  # enough that the job outlasts a second engine actor starting on a busy 2-core machine
+    pq.write_table(pa.table({"prompt": [f"row {i} of the quick brown fox" for i in range(rows)]}),
+                   tmp_path / "prompts.parquet")
+    config = validate_job_config("generate", {
+        "model": str(tiny_checkpoint), "input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
+        "sampling": {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True},
+        "engine": {"device": "cpu", "dtype": "float32", "max_num_seqs": 8},
+        "replicas": {"min_replicas": 1, "max_replicas": 2, "num_cpus": 0.25, "batch_size": 8,
+                     "max_concurrent_batches": 1},
+        "rows_per_block": 8, "rows_per_file": 8, "progress_interval_s": 0.5})
+    lines: list[str] = []
+    summary = run_job(config, log=lines.append)
+
+    assert summary["rows"] == rows and read_output(str(tmp_path / "out")).num_rows == rows
+    pool_sizes = [int(m.group(1)) for line in lines if (m := re.search(r"\| engines (\d+) \|", line))]
+    assert pool_sizes, lines
+    assert max(pool_sizes) == 2, f"the pool never grew to max_replicas: {pool_sizes}"
+
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    job = 'job="generate:out"'
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        if any(line.startswith("ray_neox_ray_batch_engine_replicas{") and job in line for line in text.splitlines()):
+            break
+        time.sleep(2)
+    exported = [line for line in text.splitlines() if line.startswith("ray_neox_ray_batch_") and job in line]
+    assert any(line.startswith("ray_neox_ray_batch_rows_total{") for line in exported), exported
+    assert any(line.startswith("ray_neox_ray_batch_engine_replicas{") for line in exported), exported

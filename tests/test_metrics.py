@@ -132,3 +132,29 @@ def test_ray_metrics_export_carries_replica_tagged_series(ray_session, tiny_chec
         assert sum(found["ray_neox_ray_time_to_first_token_seconds_count"].values()) == 2
     finally:
         serve.delete(app_name)
+
+
+class RecordingJobMetrics:
+    def __init__(self) -> None:
+        self.records: list[tuple[int, int, int, int | None]] = []
+
+    def record(self, rows: int, failed: int, tokens: int, elapsed_s: float, pool_size: int | None) -> None:
+        self.records.append((rows, failed, tokens, pool_size))
+
+
+def test_progress_reports_pool_size_and_records_job_metrics() -> None:
+    from neox_ray.batch.progress import ProgressReporter
+
+    lines: list[str] = []
+    metrics = RecordingJobMetrics()
+    pool = iter([1, 2])
+    progress = ProgressReporter("generate", 100, 0, interval_s=0.0, log=lines.append,
+                                read_pool_size=lambda: next(pool), metrics=metrics)
+    progress.update({"rows": 10, "errors": 1, "prompt_tokens": 50, "generated_tokens": 40})
+    progress.update({"rows": 20, "errors": 0, "prompt_tokens": 90, "generated_tokens": 80})
+    assert metrics.records == [(10, 1, 40, 1), (30, 1, 120, 2)]
+    assert "| engines 1 |" in lines[0] and "| engines 2 |" in lines[1] and "30/100 rows" in lines[1]
+
+    broken = ProgressReporter("score", 10, 0, interval_s=0.0, log=lines.append, read_pool_size=lambda: 1 // 0)
+    broken.update({"rows": 1, "errors": 0, "prompt_tokens": 5, "generated_tokens": 0})
+    assert "engines" not in lines[-1]  # an unknown pool size is left out, never fatal
