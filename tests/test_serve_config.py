@@ -15,6 +15,7 @@ from neox_ray.serve.deployment import DEPLOYMENT_NAME, ServeArgs, replica_actor_
 from neox_ray.serve.errors import APIError, param_from_message
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serve.yaml"
+GPU_AUTOSCALING_CONFIG = CONFIG.with_name("serve-gpu-autoscaling.yaml")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -23,10 +24,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(["serve", *argv])
 
 
-def test_serve_yaml_is_a_valid_serve_config_for_our_app() -> None:
+@pytest.mark.parametrize("config", [CONFIG, GPU_AUTOSCALING_CONFIG], ids=lambda path: path.name)
+def test_serve_yaml_is_a_valid_serve_config_for_our_app(config: Path) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    raw = yaml.safe_load(CONFIG.read_text())
+    raw = yaml.safe_load(config.read_text())
     schema = ServeDeploySchema.model_validate(raw)
     assert schema.http_options.host == "127.0.0.1"
     (app,) = schema.applications
@@ -45,6 +47,24 @@ def test_serve_yaml_is_a_valid_serve_config_for_our_app() -> None:
     assert deployment.max_ongoing_requests > args.max_queued_requests
     assert deployment.max_queued_requests >= 1 and args.request_timeout_s > 0
     assert schema.http_options.request_timeout_s > args.request_timeout_s
+
+
+def test_gpu_autoscaling_config_keeps_its_reasoned_relations() -> None:
+    """The relations the GPU autoscaling config's header argues for (a replica's batch, its queue, Serve's
+    limits, the drain on downscale)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(GPU_AUTOSCALING_CONFIG.read_text())).applications
+    args = ServeArgs.model_validate(app.args)
+    engine = args.engine_config()
+    (deployment,) = app.deployments
+    autoscaling = deployment.autoscaling_config
+    assert engine.device == "cuda" and engine.tensor_parallel_size == 1
+    assert 1 <= autoscaling["min_replicas"] < autoscaling["max_replicas"]
+    assert autoscaling["target_ongoing_requests"] <= engine.max_num_seqs < args.max_queued_requests
+    assert args.max_queued_requests < deployment.max_ongoing_requests
+    assert autoscaling["upscale_delay_s"] < autoscaling["downscale_delay_s"]
+    assert deployment.graceful_shutdown_timeout_s >= args.request_timeout_s
 
 
 def test_cli_flags_override_the_config_file() -> None:

@@ -1,6 +1,8 @@
-"""Progress of a running batch job: rows committed / total, generated tokens/s and an ETA, printed every
-few seconds; the human-readable end-of-job summary; and :class:`WaitingNotice`, which says what the job is
-waiting for (e.g. resources a cluster does not have yet) instead of staying silent. Pure Python.
+"""Progress of a running batch job: rows committed / total, generated tokens/s, the engine pool's size and
+an ETA, printed every few seconds (and handed to a :class:`JobMetricsSink`, e.g. Ray metrics); the
+human-readable end-of-job summary; and :class:`WaitingNotice`, which says what the job is waiting for (e.g.
+resources a cluster does not have yet) instead of staying silent. Pure Python: how the pool is counted and
+where metrics go are the runner's business (:mod:`neox_ray.batch.runner`, :mod:`neox_ray.ray.metrics`).
 
 It only counts what the commit stage reports (one small row per committed file), so "done" always means
 "durably written".
@@ -13,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 
 def format_duration(seconds: float | None) -> str:
@@ -61,10 +63,22 @@ class WaitingNotice:
         self._stopped.set()
 
 
+class JobMetricsSink(Protocol):
+    """Receives the job's totals at each report (rows and tokens of this run so far, cumulative)."""
+
+    def record(self, rows: int, failed: int, tokens: int, elapsed_s: float, pool_size: int | None) -> None: ...
+
+
 class ProgressReporter:
+    """Counts committed rows and tokens; every ``interval_s`` logs :meth:`line` and records the totals in
+    ``metrics``. ``read_pool_size`` says how many engine actors run now (None: unknown, not shown)."""
+
     def __init__(self, kind: str, total_rows: int, already_done: int, interval_s: float,
-                 log: Callable[[str], None] = print_to_stderr):
+                 log: Callable[[str], None] = print_to_stderr,
+                 read_pool_size: Callable[[], int | None] | None = None, metrics: JobMetricsSink | None = None):
         self.kind = kind
+        self.read_pool_size = read_pool_size
+        self.metrics = metrics
         self.total_rows = total_rows
         self.already_done = already_done
         self.interval_s = interval_s
@@ -86,7 +100,32 @@ class ProgressReporter:
         self.files += 1
         if now - self._last_print >= self.interval_s:
             self._last_print = now
-            self.log(self.line(now))
+            self.log(self.report(now))
+
+    @property
+    def tokens(self) -> int:
+        """The tokens this kind of job is about: generated (generate) or scored (score)."""
+        return self.generated_tokens if self.kind == "generate" else self.prompt_tokens
+
+    def pool_size(self) -> int | None:
+        if self.read_pool_size is None:
+            return None
+        try:
+            return self.read_pool_size()
+        except Exception:  # a progress line must never break the job it describes
+            logger.debug("reading the engine pool size failed", exc_info=True)
+            return None
+
+    def report(self, now: float | None = None) -> str:
+        """Records the totals in ``metrics`` and returns the progress line."""
+        now = now or time.monotonic()
+        pool = self.pool_size()
+        if self.metrics is not None:
+            try:
+                self.metrics.record(self.rows, self.errors, self.tokens, now - self.start, pool)
+            except Exception:
+                logger.debug("recording job metrics failed", exc_info=True)
+        return self.line(now, pool)
 
     @property
     def done(self) -> int:
@@ -99,13 +138,14 @@ class ProgressReporter:
         rate = (self.rows - self._rows_at_first_commit) / (now - self.first_commit)
         return (self.total_rows - self.done) / rate
 
-    def line(self, now: float | None = None) -> str:
+    def line(self, now: float | None = None, pool_size: int | None = None) -> str:
         now = now or time.monotonic()
         elapsed = now - self.start
         percent = 100.0 * self.done / max(self.total_rows, 1)
         tokens = (f"{self.generated_tokens / elapsed:,.1f} generated tok/s" if self.kind == "generate"
                   else f"{self.prompt_tokens / elapsed:,.1f} scored tok/s")
-        return (f"[{self.kind}] {self.done:,}/{self.total_rows:,} rows ({percent:.1f}%) | {tokens} | "
+        pool = f" | engines {pool_size}" if pool_size is not None else ""
+        return (f"[{self.kind}] {self.done:,}/{self.total_rows:,} rows ({percent:.1f}%) | {tokens}{pool} | "
                 f"errors {self.errors:,} | elapsed {format_duration(elapsed)} | ETA {format_duration(self.eta_s(now))}")
 
     def run_stats(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from neox_ray.batch.config import GenerateJobConfig, JobConfig, ScoreJobConfig
-from neox_ray.batch.progress import ProgressReporter, WaitingNotice, format_duration, print_to_stderr
+from neox_ray.batch.progress import JobMetricsSink, ProgressReporter, WaitingNotice, format_duration, print_to_stderr
 from neox_ray.batch.sink import SUCCESS, SUMMARY, OutputDir, commit_block, finalize, finish_empty_input
 from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
 from neox_ray.batch.stages import (
@@ -208,7 +209,7 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
                    *, dry_run_rows: int | None = None, output: str | None = None):
     """The Ray Data dataset for the job; with ``dry_run_rows`` it stops after the engine (one actor)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext
 
     kind = kind_of(config)
     cpu = config.cpu_stage_num_cpus
@@ -234,11 +235,17 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
         constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride)
     low, high = (1, 1) if dry_run_rows is not None else config.replicas.pool_bounds
     calls = config.replicas.max_concurrent_batches
+    in_flight = calls
+    if high > low:
+        # Ray Data grows a pool only once its tasks in flight reach actor_pool_util_upscaling_threshold (1.75)
+        # times what its actors run at once: with no more in flight than that, an autoscaling pool never grows.
+        threshold = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+        in_flight = max(calls + 1, math.ceil(calls * threshold))
     ds = ds.map_batches(
         stage, batch_format="pyarrow", batch_size=config.replicas.batch_size,
         fn_constructor_kwargs=dict(model=config.model, engine_kwargs=config.engine_kwargs, **constructor_kwargs),
         compute=ActorPoolStrategy(min_size=low, max_size=high, max_concurrent_calls_per_actor=calls,
-                                  max_tasks_in_flight_per_actor=calls, enable_true_multi_threading=True),
+                                  max_tasks_in_flight_per_actor=in_flight, enable_true_multi_threading=True),
         **_restart_policy(config), **actor_options)
     if dry_run_rows is not None:
         return ds
@@ -297,7 +304,8 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
     started_ray = connect_ray(config)
     try:
         _quiet_ray_data()
-        progress = ProgressReporter(kind, total, already, config.progress_interval_s, log)
+        progress = ProgressReporter(kind, total, already, config.progress_interval_s, log,
+                                    read_pool_size=engine_pool_size, metrics=_job_metrics(kind, config.output))
         if already < total:
             plan = resource_plan(config, started_ray)
             waiting = check_resources(config, plan, started_ray, log)
@@ -309,11 +317,31 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
             finally:
                 if waiting:
                     waiting.stop()
-            log(progress.line())
+            log(progress.report())
         num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
         return finalize(output, checks.plan, kind, num_samples, progress.run_stats())
     finally:
         _shutdown(started_ray)
+
+
+def engine_pool_size() -> int | None:
+    """Engine actors of this job alive now (Ray Data hosts each pool actor in a ``_MapWorker``; the job's other
+    stages are tasks), from the GCS actor table, which needs no dashboard. None when Ray cannot say."""
+    import ray
+    from ray._private import state  # ray.util.state would need the dashboard, which local runs start without
+
+    if not ray.is_initialized():
+        return None
+    job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    actors = state.actors(job_id=job_id, actor_state_name="ALIVE")
+    return sum(1 for actor in actors.values() if "MapWorker" in str(actor.get("ActorClassName", "")))
+
+
+def _job_metrics(kind: str, output: str) -> JobMetricsSink:
+    """The job's progress as Ray metrics (:mod:`neox_ray.ray.metrics`), tagged ``kind:<output dir name>``."""
+    from neox_ray.ray.metrics import BatchJobMetrics
+
+    return BatchJobMetrics(f"{kind}:{Path(output.rstrip('/')).name}")
 
 
 def _shutdown(started_ray: bool) -> None:

@@ -4,7 +4,7 @@
 - :mod:`~neox_ray.serve.errors`: the OpenAI error shape and the exception handlers that produce it.
 - :mod:`~neox_ray.serve.auth`: API keys from an environment variable or a file.
 - :mod:`~neox_ray.serve.request_body`: ASGI middleware bounding request bodies (413) and reading them as JSON.
-- :mod:`~neox_ray.serve.metrics`: Prometheus exposition for ``GET /metrics``.
+- :mod:`~neox_ray.serve.metrics`: the server's metrics feed and its sinks (``GET /metrics``: one replica's view).
 - :mod:`~neox_ray.serve.server`: the FastAPI app over one :class:`AsyncLLMEngine` (no Ray import; testable
   in-process).
 - :mod:`~neox_ray.serve.deployment`: the Serve deployment and the application builder used by

@@ -26,6 +26,7 @@ from ray.serve import Application
 from neox_ray.engine.async_engine import AsyncLLMEngine
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.hub import looks_like_hub_id, parse_model_ref
+from neox_ray.ray.metrics import RayServeMetricsSink
 from neox_ray.ray.resources import SERVE_CPU_REPLICA_NUM_CPUS, ClusterResources, engine_actor_options
 from neox_ray.serve.auth import load_api_keys
 from neox_ray.serve.server import (
@@ -40,6 +41,7 @@ from neox_ray.serve.server import (
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "NeoxRayServer"
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 class ServeArgs(BaseModel):
@@ -103,8 +105,13 @@ class ServeArgs(BaseModel):
         return EngineConfig.from_kwargs(self.model, **self.engine)
 
 
+# Serve counts an HTTP request through an ASGI ingress as ongoing until the app has sent its last message, so a
+# streamed completion counts for autoscaling until it ends, and a replica being scaled down drains: it takes no
+# new requests and shuts down once its ongoing ones finish (checked every graceful_shutdown_wait_loop_s), or at
+# graceful_shutdown_timeout_s, which build_application raises to cover the longest request a replica allows.
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, health_check_period_s=10,
-                  health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+                  graceful_shutdown_wait_loop_s=1)
 @serve.ingress()
 class NeoxRayServer:
     def __init__(self, args: ServeArgs):
@@ -118,6 +125,9 @@ class NeoxRayServer:
             api_keys=tuple(api_keys), chat_template=args.chat_template, max_body_bytes=args.max_body_bytes,
             max_prompt_chars=args.max_prompt_chars, max_prompts_per_request=args.max_prompts_per_request,
             max_n=args.max_n))
+        # The same series through Ray's metrics export, tagged with this replica (GET /metrics is one replica's).
+        self.ray_metrics = RayServeMetricsSink(self.llm.engine.stats, lambda: self.async_engine.num_pending)
+        self.server.metrics.add_sink(self.ray_metrics)
         logger.info("serving %s as %r (max_queued_requests=%s, request_timeout_s=%s, auth=%s)", args.model,
                     args.model_name, args.max_queued_requests, args.request_timeout_s, bool(api_keys))
 
@@ -143,6 +153,9 @@ def build_application(args: ServeArgs, **deployment_options: Any) -> Application
         # Let more requests reach the replica than its engine accepts, so overload is answered there (an
         # OpenAI-shaped 503 at once) instead of waiting in Serve's router queue.
         options["max_ongoing_requests"] = max(2 * args.max_queued_requests, args.max_queued_requests + 8)
+    if args.request_timeout_s is not None:
+        # A downscale (or redeploy) lets in-flight streams finish: no request outlives request_timeout_s.
+        options["graceful_shutdown_timeout_s"] = max(DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S, args.request_timeout_s + 5)
     options.update({key: value for key, value in deployment_options.items() if value is not None})
     return NeoxRayServer.options(**options).bind(args)  # type: ignore[attr-defined]  # added by @serve.deployment
 

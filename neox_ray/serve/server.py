@@ -670,6 +670,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
     @protected.get("/metrics")
     async def metrics(request: Request) -> Response:
+        """This replica's Prometheus series only; the service-wide view is Ray's metrics export (README, Metrics)."""
         payload, content_type = server.metrics.exposition()
         return counted(request, Response(payload, media_type=content_type))
 
