@@ -1,0 +1,168 @@
+"""Scoring modes against lm-eval's definitions with transformers as the numerical oracle: loglikelihood of
+(context, continuation) pairs (tokenization, empty context, trailing whitespace, truncation, is_greedy,
+prefix-cache reuse of shared contexts) and lm-eval's rolling perplexity windows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from checkpoints import load_hf_model
+
+from neox_ray import LLM
+from neox_ray.engine.scoring import plan_rolling_windows
+
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint: Path) -> LLM:
+    return LLM(str(tiny_checkpoint), block_size=4, max_num_batched_tokens=64, max_num_seqs=8,
+               max_model_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint: Path):
+    return load_hf_model(tiny_checkpoint)
+
+
+def lm_eval_pair(llm: LLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's own tokenization of a pair (its ``_encode_pair``; the empty-context branch of ``loglikelihood``)."""
+    encode = llm.tokenizer.encode
+    eot = llm.engine.eot_token_id
+    if context == "":
+        continuation_enc = encode(continuation)
+        return ([eot], continuation_enc) if continuation_enc[0] != eot else (continuation_enc[:1], continuation_enc[1:])
+    model = pytest.importorskip("lm_eval.api.model")
+    fake_lm = SimpleNamespace(backend="causal", tok_encode=lambda text, **_: encode(text))
+    return model.TemplateLM._encode_pair(fake_lm, context, continuation)
+
+
+def hf_loglikelihood(hf_model, context_enc: list[int], continuation_enc: list[int],
+                     max_length: int) -> tuple[float, bool]:
+    """lm-eval's HFLM._loglikelihood_tokens for one pair (causal): truncate from the left, score the tail."""
+    inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model(torch.tensor([inp])).logits[0].float(), dim=-1)
+    rows = logprobs[len(inp) - len(continuation_enc):len(inp)]
+    targets = torch.tensor(continuation_enc)
+    greedy = bool((rows.argmax(-1) == targets).all())
+    return float(rows.gather(1, targets[:, None]).sum()), greedy
+
+
+PAIRS = [
+    ("The quick brown fox", " jumps over the lazy dog."),
+    ("The quick brown fox ", "jumps"),            # trailing whitespace moves to the continuation
+    ("Question: what is two plus two?\nAnswer:", " four"),
+    ("", "Hello world"),                           # empty context: conditioned on the end-of-text token
+    ("A very long context " * 20, " that is truncated from the left"),  # over max_model_len
+]
+
+
+def test_loglikelihood_matches_lm_eval_and_transformers(llm: LLM, hf) -> None:
+    results = llm.loglikelihood(PAIRS, return_token_logprobs=True)
+    for (context, continuation), result in zip(PAIRS, results, strict=True):
+        context_enc, continuation_enc = lm_eval_pair(llm, context, continuation)
+        assert llm.encode_pair(context, continuation) == (context_enc, continuation_enc)
+        expected, greedy = hf_loglikelihood(hf, context_enc, continuation_enc, MAX_LEN)
+        assert result.num_tokens == len(continuation_enc) == len(result.token_logprobs)
+        assert result.logprob == pytest.approx(expected, rel=1e-4)
+        assert math.fsum(result.token_logprobs) == pytest.approx(result.logprob)
+        assert result.is_greedy == greedy
+    assert len(llm.tokenizer.encode(PAIRS[-1][0])) > MAX_LEN
+
+
+def test_trailing_whitespace_and_empty_context_tokenization(llm: LLM) -> None:
+    encode = llm.tokenizer.encode
+    context_enc, continuation_enc = llm.encode_pair("Hello ", "world")
+    assert context_enc == encode("Hello") and context_enc + continuation_enc == encode("Hello world")
+    assert llm.encode_pair("", "world") == ([llm.engine.eot_token_id], encode("world"))
+
+
+def test_is_greedy_on_the_models_own_continuation(llm: LLM, hf) -> None:
+    context = llm.tokenizer.encode("Once upon a time")
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([context]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    greedy = out[0, len(context):].tolist()
+    wrong = greedy[:-1] + [(greedy[-1] + 1) % 400]
+    first, second = llm.engine.loglikelihood([(context, greedy), (context, wrong)])
+    assert first.is_greedy and not second.is_greedy
+    assert first.logprob > second.logprob
+
+
+def test_bad_pairs_are_item_errors(llm: LLM) -> None:
+    plan = llm.engine.plan_loglikelihood([([1, 2], []), ([1], list(range(2, 2 + MAX_LEN + 1))), ([1], [2])])
+    assert set(plan.errors) == {0, 1} and set(plan.tasks) == {2}
+    assert "continuation is empty" in plan.errors[0] and "max_model_len" in plan.errors[1]
+
+
+def test_shared_contexts_are_served_from_the_prefix_cache(tiny_checkpoint: Path, hf) -> None:
+    contexts = ["Passage one is about the sea and ships and sailors who cross it. Question:",
+                "Passage two is about mountains, snow and the people who climb them. Question:"]
+    choices = [" yes", " no", " maybe", " never"]
+    pairs = [(context, choice) for context in contexts for choice in choices]
+    outputs = {}
+    for caching in (True, False):
+        llm = LLM(str(tiny_checkpoint), block_size=4, max_num_batched_tokens=256, max_num_seqs=8,
+                  max_model_len=128, enable_prefix_caching=caching)
+        before = llm.engine.stats()["prefix_cache_hit_blocks"]
+        outputs[caching] = llm.loglikelihood(pairs)
+        hits = llm.engine.stats()["prefix_cache_hit_blocks"] - before
+        if caching:  # each context's later 3 choices reuse all its full blocks but the one holding a target
+            context_blocks = [(len(llm.encode_pair(c, choices[0])[0]) - 1) // 4 for c in contexts]
+            assert hits >= sum(3 * (blocks - 1) for blocks in context_blocks) > 0
+        else:
+            assert hits == 0
+    for pair, cached, uncached in zip(pairs, outputs[True], outputs[False], strict=True):
+        context_enc, continuation_enc = llm.encode_pair(*pair)
+        expected, _ = hf_loglikelihood(hf, context_enc, continuation_enc, 128)
+        assert cached.logprob == pytest.approx(expected, rel=1e-4)
+        assert cached.logprob == pytest.approx(uncached.logprob, rel=1e-5)
+
+
+# ---- rolling perplexity ----------------------------------------------------------------------------
+
+def lm_eval_rolling_windows(tokens: list[int], eot: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    utils = pytest.importorskip("lm_eval.utils")
+    return [utils.make_disjoint_window(w) for w in
+            utils.get_rolling_token_windows(token_list=tokens, prefix_token=eot, max_seq_len=max_len, context_len=1)]
+
+
+def hf_rolling_nll(hf_model, windows: list[tuple[list[int], list[int]]]) -> float:
+    total = 0.0
+    for context, predicted in windows:  # lm-eval scores the last len(predicted) logits of (context + predicted)[:-1]
+        inp = (context + predicted)[:-1]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf_model(torch.tensor([inp])).logits[0].float(), dim=-1)
+        rows = logprobs[len(inp) - len(predicted):]
+        total -= float(rows.gather(1, torch.tensor(predicted)[:, None]).sum())
+    return total
+
+
+@pytest.mark.parametrize("length", [1, 20, MAX_LEN, MAX_LEN + 1, 3 * MAX_LEN + 7])
+def test_rolling_windows_are_lm_evals(length: int) -> None:
+    tokens = list(range(10, 10 + length))
+    full = [0] + tokens
+    ours = [(full[w.begin:w.first_target], full[w.first_target:w.end]) for w in plan_rolling_windows(length, MAX_LEN)]
+    theirs = lm_eval_rolling_windows(tokens, 0, MAX_LEN)
+    assert [p for _, p in ours] == [p for _, p in theirs]
+    # lm-eval's disjoint context is the input minus the predicted overlap: the same model input.
+    assert [(c + p)[:-1][-MAX_LEN:] for c, p in ours] == [(c + p)[:-1][-MAX_LEN:] for c, p in theirs]
+
+
+def test_rolling_perplexity_matches_lm_eval(llm: LLM, hf) -> None:
+    generator = torch.Generator().manual_seed(3)
+    documents = [torch.randint(2, 400, (n,), generator=generator).tolist() for n in (5, MAX_LEN, 90)]
+    results = llm.score(documents, perplexity="rolling", return_token_logprobs=True)
+    sliding = llm.score(documents)
+    for tokens, result, slid in zip(documents, results, sliding, strict=True):
+        expected = hf_rolling_nll(hf, lm_eval_rolling_windows(tokens, 0, MAX_LEN))
+        assert result.num_tokens == len(tokens) == len(result.token_logprobs)
+        assert result.nll == pytest.approx(expected, rel=1e-4)
+        if len(tokens) <= MAX_LEN - 1:  # one window either way
+            assert result.nll == pytest.approx(slid.nll, rel=1e-5)
+    with pytest.raises(ValueError, match="perplexity must be one of"):
+        llm.score(documents, perplexity="chunked")
