@@ -166,3 +166,115 @@ def test_rolling_perplexity_matches_lm_eval(llm: LLM, hf) -> None:
             assert result.nll == pytest.approx(slid.nll, rel=1e-5)
     with pytest.raises(ValueError, match="perplexity must be one of"):
         llm.score(documents, perplexity="chunked")
+
+
+# ---- batch: config, stages in-process, one small job on the session's Ray ------------------------------
+
+def test_score_config_modes() -> None:
+    from neox_ray.batch.config import JobConfigError, validate_job_config
+
+    base = {"model": "m", "input": "i", "output": "o"}
+    config = validate_job_config("score", {**base, "mode": "loglikelihood", "context_column": "q"})
+    assert config.mode == "loglikelihood" and config.context_column == "q"
+    assert validate_job_config("score", base).mode == "perplexity"
+    assert validate_job_config("score", {**base, "perplexity": "rolling"}).perplexity == "rolling"
+    with pytest.raises(JobConfigError, match="only apply to mode=perplexity"):
+        validate_job_config("score", {**base, "mode": "loglikelihood", "window": 16})
+    with pytest.raises(JobConfigError, match="stride only applies"):
+        validate_job_config("score", {**base, "perplexity": "rolling", "stride": 4})
+    with pytest.raises(JobConfigError, match="mode"):
+        validate_job_config("score", {**base, "mode": "accuracy"})
+
+
+def test_cli_score_flags_map_to_config_keys() -> None:
+    import argparse
+
+    from neox_ray.batch.cli import build_score_parser, overrides_from_args
+
+    args = build_score_parser(argparse.ArgumentParser()).parse_args(
+        ["--mode", "loglikelihood", "--context-column", "q", "--continuation-column", "a", "--token-logprobs"])
+    assert overrides_from_args("score", args) == {"mode": "loglikelihood", "context_column": "q",
+                                                  "continuation_column": "a", "token_logprobs": True}
+    args = build_score_parser(argparse.ArgumentParser()).parse_args(["--perplexity", "rolling"])
+    assert overrides_from_args("score", args) == {"perplexity": "rolling"}
+
+
+def test_loglikelihood_stage_rows_match_llm(llm: LLM, tiny_checkpoint: Path) -> None:
+    import pyarrow as pa
+
+    from neox_ray.batch.stages import ScoreEngineStage, format_scores, prepare_loglikelihood
+
+    contexts = [p[0] for p in PAIRS] + [None, "ok"]
+    continuations = [p[1] for p in PAIRS] + ["x", ""]
+    batch = pa.table({"id": [f"r{i}" for i in range(len(contexts))], "context": contexts,
+                      "continuation": continuations})
+    prepared = prepare_loglikelihood(batch, model=str(tiny_checkpoint), context_column="context",
+                                     continuation_column="continuation")
+    stage = ScoreEngineStage(str(tiny_checkpoint), {"block_size": 4, "max_model_len": MAX_LEN}, "text", None, None,
+                             mode="loglikelihood", token_logprobs=True)
+    try:
+        rows = format_scores(stage(prepared)).to_pylist()
+    finally:
+        stage.engine.shutdown()
+    expected = llm.loglikelihood(PAIRS, return_token_logprobs=True)
+    for row, result in zip(rows, expected, strict=False):
+        assert row["error"] is None and row["num_tokens"] == result.num_tokens
+        assert row["is_greedy"] == result.is_greedy
+        assert row["logprob"] == pytest.approx(result.logprob, rel=1e-5)
+        assert row["token_logprobs"] == pytest.approx(result.token_logprobs, rel=1e-5)
+    assert rows[-2]["error"] == "context is null" and rows[-1]["error"] == "continuation is empty"
+    assert rows[-1]["logprob"] is None and set(rows[0]) == {"id", "context", "continuation", "logprob",
+                                                           "is_greedy", "num_tokens", "token_logprobs", "error"}
+
+
+def test_rolling_stage_rows_match_llm(llm: LLM, tiny_checkpoint: Path) -> None:
+    import pyarrow as pa
+
+    from neox_ray.batch.stages import ScoreEngineStage, format_scores, prepare_scoring
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 4, "short one"]
+    prepared = prepare_scoring(pa.table({"id": ["a", "b"], "text": texts}), model=str(tiny_checkpoint),
+                               text_column="text")
+    stage = ScoreEngineStage(str(tiny_checkpoint), {"block_size": 4, "max_model_len": MAX_LEN}, "text", None, None,
+                             perplexity="rolling", token_logprobs=True)
+    try:
+        rows = format_scores(stage(prepared)).to_pylist()
+    finally:
+        stage.engine.shutdown()
+    for row, result in zip(rows, llm.score(texts, perplexity="rolling"), strict=True):
+        assert row["nll"] == pytest.approx(result.nll, rel=1e-5) and len(row["token_logprobs"]) == result.num_tokens
+
+
+@pytest.mark.slow
+def test_loglikelihood_job_end_to_end(ray_session, tiny_checkpoint: Path, llm: LLM, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from neox_ray.batch.config import validate_job_config
+    from neox_ray.batch.runner import run_job
+    from neox_ray.batch.sink import read_output
+
+    questions = [f"Question {i}: which word comes next in the fox sentence?" for i in range(6)]
+    choices = [" the", " quick", " brown", " fox"]
+    pairs = [(q, c) for q in questions for c in choices]
+    contexts: list = [p[0] for p in pairs]
+    contexts[1] = None
+    pq.write_table(pa.table({"q": contexts, "a": [p[1] for p in pairs]}), tmp_path / "mc.parquet")
+    raw = {"model": str(tiny_checkpoint), "input": str(tmp_path / "mc.parquet"), "output": str(tmp_path / "out"),
+           "mode": "loglikelihood", "context_column": "q", "continuation_column": "a",
+           "engine": {"device": "cpu", "dtype": "float32", "max_model_len": MAX_LEN, "block_size": 4},
+           "replicas": {"num_replicas": 1, "num_cpus": 0.5, "batch_size": 8}, "rows_per_file": 12,
+           "progress_interval_s": 1000.0}
+    summary = run_job(validate_job_config("score", raw), log=lambda line: None)
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    expected = llm.loglikelihood([p for i, p in enumerate(pairs) if i != 1])
+    ok = [i for i in range(len(pairs)) if i != 1]
+    assert rows["mc.parquet:1"]["error"] == "context is null"
+    for i, result in zip(ok, expected, strict=True):
+        assert rows[f"mc.parquet:{i}"]["logprob"] == pytest.approx(result.logprob, rel=1e-5)
+    assert summary["mode"] == "loglikelihood" and summary["rows_ok"] == len(ok) and summary["rows_failed"] == 1
+    assert summary["logprob"] == pytest.approx(sum(r.logprob for r in expected), rel=1e-6)
+    assert summary["greedy_rows"] == sum(r.is_greedy for r in expected)
+    assert summary["num_tokens"] == sum(r.num_tokens for r in expected)
+    again = run_job(validate_job_config("score", raw), log=lambda line: None)  # complete: nothing to redo
+    assert again["logprob"] == summary["logprob"]

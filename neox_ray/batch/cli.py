@@ -36,7 +36,9 @@ _GENERATE_FLAGS: dict[str, str] = {
     "seed": "seed",
     **{spec.name: f"sampling.{spec.name}" for spec in _SAMPLING_FLAG_SPECS},
 }
-_SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride"}
+_SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride",
+                                "mode": "mode", "perplexity": "perplexity", "context_column": "context_column",
+                                "continuation_column": "continuation_column", "token_logprobs": "token_logprobs"}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -94,9 +96,20 @@ def _job_sampling_defaults() -> dict[str, Any]:
 def build_score_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common(parser)
     scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--mode", choices=("perplexity", "loglikelihood"),
+                         help="perplexity (default): a text per row -> NLL / perplexity; loglikelihood: (context, "
+                              "continuation) rows -> lm-eval's logprob and is_greedy of the continuation")
+    scoring.add_argument("--perplexity", choices=("sliding", "rolling"),
+                         help="sliding (default): overlapping windows, more context per token; rolling: lm-eval's "
+                              "loglikelihood_rolling (disjoint windows), the number lm-eval reports")
     scoring.add_argument("--text-column", help="column holding the texts (default: text)")
+    scoring.add_argument("--context-column", help="loglikelihood: column holding the contexts (default: context)")
+    scoring.add_argument("--continuation-column",
+                         help="loglikelihood: column holding the continuations (default: continuation)")
     scoring.add_argument("--window", type=int, help="tokens per scoring window (default: max_model_len)")
     scoring.add_argument("--stride", type=int, help="tokens between window starts (default: window / 2)")
+    scoring.add_argument("--token-logprobs", action="store_true", default=None,
+                         help="add a token_logprobs column: the logprob of every scored token")
     return parser
 
 
@@ -107,9 +120,11 @@ def add_parser(subparsers: Any) -> None:
                     "rerun with the same --output to finish an interrupted job.")
     build_generate_parser(generate).set_defaults(func=lambda args: run_from_args("generate", args))
     score = subparsers.add_parser(
-        "score", help="perplexity scoring: Parquet texts in, per-row NLL / perplexity out (Ray Data)",
-        description="Score every text of a Parquet dataset (sliding-window NLL, perplexity, bits per byte) "
-                    "and write summary.json with the token-weighted corpus metrics.")
+        "score", help="scoring: Parquet texts in, per-row NLL / perplexity out; or (context, continuation) "
+                      "rows in, lm-eval loglikelihoods out (Ray Data)",
+        description="Score every text of a Parquet dataset (sliding-window or rolling NLL, perplexity, bits per "
+                    "byte), or every (context, continuation) row (--mode loglikelihood), and write summary.json "
+                    "with the corpus totals.")
     build_score_parser(score).set_defaults(func=lambda args: run_from_args("score", args))
 
 

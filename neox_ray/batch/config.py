@@ -157,10 +157,32 @@ class GenerateJobConfig(JobConfig):
 
 
 class ScoreJobConfig(JobConfig):
+    # perplexity: one text per row -> NLL / perplexity; loglikelihood: (context, continuation) rows -> lm-eval's
+    # loglikelihood of the continuation (logprob, is_greedy).
+    mode: Literal["perplexity", "loglikelihood"] = "perplexity"
+    # sliding: overlapping windows (more context per token, lower perplexity); rolling: lm-eval's
+    # loglikelihood_rolling (disjoint windows; what lm-eval reports).
+    perplexity: Literal["sliding", "rolling"] = "sliding"
     text_column: str = "text"
+    context_column: str = "context"
+    continuation_column: str = "continuation"
     window: int | None = Field(default=None, ge=2, description="tokens per scoring window (default: max_model_len)")
     stride: int | None = Field(default=None, ge=1, description="tokens between window starts (default: window/2)")
+    token_logprobs: bool = Field(default=False, description="add token_logprobs: one logprob per scored token")
     rows_per_file: int = Field(default=4096, ge=1)
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> ScoreJobConfig:
+        if self.mode == "loglikelihood":
+            given = [name for name in ("window", "stride") if getattr(self, name) is not None]
+            if self.perplexity != "sliding":
+                given.append("perplexity")
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to mode=perplexity (loglikelihood reads each row "
+                                 "whole, truncated from the left to max_model_len like lm-eval)")
+        elif self.perplexity == "rolling" and self.stride is not None:
+            raise ValueError("stride only applies to perplexity=sliding (rolling windows are disjoint)")
+        return self
 
 
 CONFIG_CLASSES: dict[str, type[GenerateJobConfig] | type[ScoreJobConfig]] = {"generate": GenerateJobConfig,

@@ -37,13 +37,16 @@ from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_i
 from neox_ray.batch.stages import (
     GENERATION_COLUMNS,
     INTERNAL_COLUMNS,
+    LOGLIKELIHOOD_COLUMNS,
     SCORE_COLUMNS,
+    TOKEN_LOGPROBS,
     GenerateEngineStage,
     ScoreEngineStage,
     engine_span,
     format_generation,
     format_scores,
     prepare_generation,
+    prepare_loglikelihood,
     prepare_scoring,
 )
 from neox_ray.chat import ChatTemplate, ChatTemplateError
@@ -103,13 +106,23 @@ def preflight(config: JobConfig) -> Preflight:
                                f"{config.model} has no chat template; pass --chat-template FILE")
         return Preflight(plan, max_model_len)
     assert isinstance(config, ScoreJobConfig)
+    if config.mode == "loglikelihood":
+        reserved = LOGLIKELIHOOD_COLUMNS + (TOKEN_LOGPROBS,) + INTERNAL_COLUMNS
+        plan = plan_input(config.input, config.continuation_column, config.id_column, reserved)
+        if config.context_column not in plan.schema.names:
+            raise JobError(f"input {config.input} has no column {config.context_column!r} (contexts; columns: "
+                           f"{', '.join(plan.schema.names)}); set --context-column")
+        return Preflight(plan, max_model_len)
     window = config.window if config.window is not None else max_model_len
     stride = config.stride if config.stride is not None else max(1, window // 2)
     try:
         validate_window(window, stride, max_model_len)
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    plan = plan_input(config.input, config.text_column, config.id_column, SCORE_COLUMNS + INTERNAL_COLUMNS)
+    if config.perplexity == "rolling":
+        stride = None  # rolling windows are disjoint
+    reserved = SCORE_COLUMNS + (TOKEN_LOGPROBS,) + INTERNAL_COLUMNS
+    plan = plan_input(config.input, config.text_column, config.id_column, reserved)
     return Preflight(plan, max_model_len, window, stride)
 
 
@@ -123,7 +136,21 @@ def job_identity(config: JobConfig, checks: Preflight) -> dict[str, Any]:
         identity.update(prompt_column=checks.plan.text_column, sampling=dict(sorted(config.sampling.items())))
     else:
         assert isinstance(config, ScoreJobConfig)
-        identity.update(text_column=config.text_column, window=checks.window, stride=checks.stride)
+        identity.update(score_identity(config, checks))
+    return identity
+
+
+def score_identity(config: ScoreJobConfig, checks: Preflight) -> dict[str, Any]:
+    """A score job's settings that change its numbers (the defaults keep earlier jobs' identities)."""
+    if config.mode == "loglikelihood":
+        identity: dict[str, Any] = {"mode": config.mode, "context_column": config.context_column,
+                                    "continuation_column": config.continuation_column}
+    else:
+        identity = {"text_column": config.text_column, "window": checks.window, "stride": checks.stride}
+        if config.perplexity != "sliding":
+            identity["perplexity"] = config.perplexity
+    if config.token_logprobs:
+        identity["token_logprobs"] = True
     return identity
 
 
@@ -227,11 +254,19 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
         stage, constructor_kwargs = GenerateEngineStage, {}
     else:
         assert isinstance(config, ScoreJobConfig)
-        ds = ds.map_batches(prepare_scoring, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
-                            fn_kwargs=dict(model=config.model, revision=config.revision,
-                                           text_column=config.text_column))
+        if config.mode == "loglikelihood":
+            ds = ds.map_batches(prepare_loglikelihood, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
+                                fn_kwargs=dict(model=config.model, revision=config.revision,
+                                               context_column=config.context_column,
+                                               continuation_column=config.continuation_column))
+        else:
+            ds = ds.map_batches(prepare_scoring, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
+                                fn_kwargs=dict(model=config.model, revision=config.revision,
+                                               text_column=config.text_column))
         stage = ScoreEngineStage
-        constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride)
+        constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride,
+                                  mode=config.mode, perplexity=config.perplexity,
+                                  token_logprobs=config.token_logprobs)
     low, high = (1, 1) if dry_run_rows is not None else config.replicas.pool_bounds
     calls = config.replicas.max_concurrent_batches
     ds = ds.map_batches(
@@ -311,9 +346,13 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
                     waiting.stop()
             log(progress.line())
         num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
-        return finalize(output, checks.plan, kind, num_samples, progress.run_stats())
+        return finalize(output, checks.plan, kind, num_samples, progress.run_stats(), score_mode=_score_mode(config))
     finally:
         _shutdown(started_ray)
+
+
+def _score_mode(config: JobConfig) -> str:
+    return config.mode if isinstance(config, ScoreJobConfig) else "perplexity"
 
 
 def _shutdown(started_ray: bool) -> None:
@@ -350,7 +389,8 @@ def dry_run(config: JobConfig, checks: Preflight, plan: BatchResourcePlan,
               "rows_per_s_per_replica": round(per_replica_rate, 3),
               "tokens_per_s_per_replica": round(tokens / engine_s, 3), "total_rows": checks.plan.total_rows,
               "replicas": replicas, "projected_wall_time_s": round(projected_s, 1)}
-    shown = [c for c in ("id", "generated_text", "finish_reason", "perplexity", "error") if c in table.column_names]
+    shown = [c for c in ("id", "generated_text", "finish_reason", "perplexity", "logprob", "is_greedy", "error")
+             if c in table.column_names]
     for row in table.select(shown).slice(0, 3).to_pylist():
         log(f"[dry run] {row}")
     log(f"[dry run] {rows} rows in {engine_s:.1f}s on one replica after {startup_s:.1f}s start-up: "

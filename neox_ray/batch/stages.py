@@ -10,6 +10,10 @@ its rows to the same engine loop, so rows from all calls share one continuous ba
 slot goes to the next waiting row at the next step. If the engine loop dies, the actor exits so Ray
 restarts it and retries its calls.
 
+Scoring has two modes: ``perplexity`` (texts; sliding or lm-eval's rolling windows) and ``loglikelihood``
+((context, continuation) rows, tokenized here the way lm-eval does; the engine stage submits the first
+row of each shared context first so the others reuse its cached KV blocks).
+
 ``format_generation`` / ``format_scores`` (CPU, inside the commit task): final column layout, one row per
 sample. Text comes out of the engine already detokenized: its incremental detokenizer is what finds stop
 strings, so decoding again here would only repeat that work.
@@ -31,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import ScoreItemError
+from neox_ray.engine.scoring import ScoreItemError, encode_pair
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ GENERATION_COLUMNS = ("generated_text", "num_prompt_tokens", "num_generated_toke
                       "sample_index")
 SCORE_COLUMNS = ("num_tokens", "nll", "perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity",
                  "num_bytes", "num_words", "error")
+LOGLIKELIHOOD_COLUMNS = ("logprob", "is_greedy", "num_tokens", "error")
+TOKEN_LOGPROBS = "token_logprobs"          # optional (--token-logprobs / --logprobs): one per scored token
+GENERATION_LOGPROB_COLUMNS = ("token_ids", TOKEN_LOGPROBS, "cumulative_logprob", "top_logprobs")
 
 # Columns that only travel between stages.
 TOKEN_IDS = "__neox_token_ids"
@@ -52,9 +59,12 @@ SAMPLING = "__neox_sampling"
 TEXTS = "__neox_texts"
 NUM_GENERATED = "__neox_num_generated"
 FINISH_REASONS = "__neox_finish_reasons"
+CONTINUATION_IDS = "__neox_continuation_ids"
+LOGPROBS = "__neox_logprobs"               # per sample, JSON: {token_ids, token_logprobs, cumulative, top}
 ENGINE_START = "__neox_engine_start"   # wall-clock span of the engine call (dry-run projection)
 ENGINE_END = "__neox_engine_end"
-INTERNAL_COLUMNS = (TOKEN_IDS, SAMPLING, TEXTS, NUM_GENERATED, FINISH_REASONS, ENGINE_START, ENGINE_END)
+INTERNAL_COLUMNS = (TOKEN_IDS, SAMPLING, TEXTS, NUM_GENERATED, FINISH_REASONS, CONTINUATION_IDS, LOGPROBS,
+                    ENGINE_START, ENGINE_END)
 
 _SEED_BITS = 40  # any seed < 2**64 works; 40 bits stay exact in float64 columns and readable in outputs
 
@@ -196,6 +206,46 @@ def prepare_scoring(batch: pa.Table, *, model: str, text_column: str, revision: 
             .append_column("error", pa.array(errors, type=pa.string())))
 
 
+@functools.lru_cache(maxsize=4)
+def _eot_token_id(model: str, revision: str | None = None) -> int:
+    """The token an empty context conditions on: the engine's end-of-text token (tokenizer, else config)."""
+    from neox_ray.config import ModelConfig
+
+    eot = _tokenizer(model, revision).eos_token_id
+    if eot is None:
+        eot = ModelConfig.from_pretrained(_model_dir(model, revision)).eos_token_id
+    if eot is None:
+        raise ValueError(f"model {model} has no end-of-text token id (tokenizer or config.json)")
+    return eot
+
+
+def prepare_loglikelihood(batch: pa.Table, *, model: str, context_column: str, continuation_column: str,
+                          revision: str | None = None) -> pa.Table:
+    """lm-eval's tokenization of each (context, continuation) row (:func:`encode_pair`); an empty context
+    is allowed (it conditions on the end-of-text token), an empty continuation is the row's error."""
+    tokenizer = _tokenizer(model, revision)
+    eot = _eot_token_id(model, revision)
+    contexts = batch.column(context_column).to_pylist()
+    continuations = batch.column(continuation_column).to_pylist()
+    context_ids: list[list[int] | None] = [None] * batch.num_rows
+    continuation_ids: list[list[int] | None] = [None] * batch.num_rows
+    errors: list[str | None] = [None] * batch.num_rows
+    for row, (context, continuation) in enumerate(zip(contexts, continuations, strict=True)):
+        error = _text_error(continuation, "continuation")
+        if error is None and context is None:
+            error = "context is null"
+        elif error is None and not isinstance(context, str):
+            error = f"context must be a string, got {type(context).__name__}"
+        if error is None:
+            context_ids[row], continuation_ids[row] = encode_pair(context, continuation, tokenizer.encode, eot)
+            if not continuation_ids[row]:
+                error = "continuation is empty (no tokens to score)"
+        errors[row] = error
+    return (batch.append_column(TOKEN_IDS, pa.array(context_ids, type=pa.list_(pa.int32())))
+            .append_column(CONTINUATION_IDS, pa.array(continuation_ids, type=pa.list_(pa.int32())))
+            .append_column("error", pa.array(errors, type=pa.string())))
+
+
 # ---- engine (actor pool) ---------------------------------------------------------------------------------
 class _EngineActor:
     """Owns one LLM and the background loop that all concurrent calls on this actor feed."""
@@ -264,21 +314,37 @@ class GenerateEngineStage(_EngineActor):
 
 
 class ScoreEngineStage(_EngineActor):
+    """Perplexity rows (``text_column``) or, with ``mode="loglikelihood"``, (context, continuation) rows."""
+
     def __init__(self, model: str, engine_kwargs: dict[str, Any], text_column: str, window: int | None,
-                 stride: int | None):
+                 stride: int | None, *, mode: str = "perplexity", perplexity: str = "sliding",
+                 token_logprobs: bool = False):
         super().__init__(model, engine_kwargs)
         self.text_column = text_column
         self.window, self.stride = self.llm.engine.score_window(window, stride)
+        self.mode, self.perplexity, self.token_logprobs = mode, perplexity, token_logprobs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.time()
         errors: list[str | None] = batch.column("error").to_pylist()
         token_ids = batch.column(TOKEN_IDS).to_pylist()
-        texts = batch.column(self.text_column).to_pylist()
         rows = [row for row, error in enumerate(errors) if error is None]
-        futures = self.engine.score_futures([(texts[row], token_ids[row]) for row in rows], self.window, self.stride)
+        if self.mode == "loglikelihood":
+            continuation_ids = batch.column(CONTINUATION_IDS).to_pylist()
+            futures = self.engine.loglikelihood_futures([(token_ids[row], continuation_ids[row]) for row in rows],
+                                                        self.token_logprobs)
+            names, types = LOGLIKELIHOOD_COLUMNS[:-1], (pa.float64(), pa.bool_(), pa.int64())
+        else:
+            texts = batch.column(self.text_column).to_pylist()
+            futures = self.engine.score_futures([(texts[row], token_ids[row]) for row in rows], self.window,
+                                                self.stride, self.token_logprobs, self.perplexity)
+            names = SCORE_COLUMNS[:-1]
+            types = tuple(pa.int64() if name in ("num_tokens", "num_bytes", "num_words") else pa.float64()
+                          for name in names)
+        if self.token_logprobs:
+            names, types = (*names, TOKEN_LOGPROBS), (*types, pa.list_(pa.float64()))
         scores = {}
-        for row, future in zip(rows, futures, strict=False):
+        for row, future in zip(rows, futures, strict=True):
             try:
                 scores[row] = future.result()
             except ScoreItemError as exc:
@@ -287,14 +353,13 @@ class ScoreEngineStage(_EngineActor):
                 self._exit_if_dead(exc)
                 errors[row] = f"engine error: {exc}"
         finished = time.time()
-        columns: dict[str, list[Any]] = {name: [] for name in SCORE_COLUMNS if name != "error"}
+        columns: dict[str, list[Any]] = {name: [] for name in names}
         for row in range(batch.num_rows):
             score = scores.get(row) if errors[row] is None else None
             for name in columns:
                 columns[name].append(getattr(score, name) if score is not None else None)
-        batch = batch.drop_columns([TOKEN_IDS, "error"])
-        for name, values in columns.items():
-            kind = pa.int64() if name in ("num_tokens", "num_bytes", "num_words") else pa.float64()
+        batch = batch.drop_columns([c for c in (TOKEN_IDS, CONTINUATION_IDS, "error") if c in batch.column_names])
+        for (name, values), kind in zip(columns.items(), types, strict=True):
             batch = batch.append_column(name, pa.array(values, type=kind))
         return (batch.append_column("error", pa.array(errors, type=pa.string()))
                 .append_column(ENGINE_START, pa.array([started] * batch.num_rows, type=pa.float64()))
