@@ -114,9 +114,9 @@ def preflight(config: JobConfig) -> Preflight:
                            f"{', '.join(plan.schema.names)}); set --context-column")
         return Preflight(plan, max_model_len)
     window = config.window if config.window is not None else max_model_len
-    stride = config.stride if config.stride is not None else max(1, window // 2)
+    stride: int | None = config.stride if config.stride is not None else max(1, window // 2)
     try:
-        validate_window(window, stride, max_model_len)
+        validate_window(window, stride or 1, max_model_len)
     except ValueError as exc:
         raise JobError(str(exc)) from None
     if config.perplexity == "rolling":

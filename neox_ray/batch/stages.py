@@ -333,7 +333,8 @@ class ScoreEngineStage(_EngineActor):
             continuation_ids = batch.column(CONTINUATION_IDS).to_pylist()
             futures = self.engine.loglikelihood_futures([(token_ids[row], continuation_ids[row]) for row in rows],
                                                         self.token_logprobs)
-            names, types = LOGLIKELIHOOD_COLUMNS[:-1], (pa.float64(), pa.bool_(), pa.int64())
+            names: tuple[str, ...] = LOGLIKELIHOOD_COLUMNS[:-1]
+            types: tuple[pa.DataType, ...] = (pa.float64(), pa.bool_(), pa.int64())
         else:
             texts = batch.column(self.text_column).to_pylist()
             futures = self.engine.score_futures([(texts[row], token_ids[row]) for row in rows], self.window,
