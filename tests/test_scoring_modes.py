@@ -278,3 +278,56 @@ def test_loglikelihood_job_end_to_end(ray_session, tiny_checkpoint: Path, llm: L
     assert summary["num_tokens"] == sum(r.num_tokens for r in expected)
     again = run_job(validate_job_config("score", raw), log=lambda line: None)  # complete: nothing to redo
     assert again["logprob"] == summary["logprob"]
+
+
+# ---- generation logprobs in batch outputs --------------------------------------------------------------
+
+def test_generate_config_and_flags_for_logprobs() -> None:
+    import argparse
+
+    from neox_ray.batch.cli import build_generate_parser, overrides_from_args
+    from neox_ray.batch.config import validate_job_config
+
+    base = {"model": "m", "input": "i", "output": "o"}
+    assert validate_job_config("generate", base).output_top_logprobs is None
+    config = validate_job_config("generate", {**base, "logprobs": True})
+    assert config.output_top_logprobs == 0 and config.engine_sampling == {"max_tokens": 64, "logprobs": 0}
+    assert validate_job_config("generate", {**base, "top_logprobs": 3}).engine_sampling["logprobs"] == 3
+    args = build_generate_parser(argparse.ArgumentParser()).parse_args(["--logprobs", "--top-logprobs", "2"])
+    assert overrides_from_args("generate", args) == {"logprobs": True, "top_logprobs": 2}
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_generation_stage_logprobs_match_the_engine(tiny_checkpoint: Path, top: int) -> None:
+    import pyarrow as pa
+
+    from neox_ray import SamplingParams
+    from neox_ray.batch.stages import GenerateEngineStage, format_generation, prepare_generation
+
+    prompts = ["The quick brown fox", "Once upon a time"]
+    batch = pa.table({"id": ["a", "b"], "prompt": prompts})
+    sampling = {"max_tokens": 5, "temperature": 0.7, "logprobs": top}
+    prepared = prepare_generation(batch, model=str(tiny_checkpoint), prompt_column="prompt", sampling=sampling,
+                                  job_seed=1, max_model_len=MAX_LEN)
+    stage = GenerateEngineStage(str(tiny_checkpoint), {"block_size": 4})
+    try:
+        rows = format_generation(stage(prepared), 1, top).to_pylist()
+        seeds = [SamplingParams.model_validate_json(p).seed for p in prepared.column("__neox_sampling").to_pylist()]
+        expected = stage.llm.generate(prompts, [SamplingParams(**sampling, seed=seed) for seed in seeds])
+    finally:
+        stage.engine.shutdown()
+    for row, output in zip(rows, expected, strict=True):
+        sample = output.outputs[0]
+        assert row["token_ids"] == sample.token_ids and row["generated_text"] == sample.text
+        assert row["token_logprobs"] == pytest.approx([e[t] for t, e in zip(sample.token_ids, sample.logprobs,
+                                                                             strict=True)])
+        assert row["cumulative_logprob"] == pytest.approx(sample.cumulative_logprob)
+        assert math.fsum(row["token_logprobs"]) == pytest.approx(row["cumulative_logprob"])
+        if top:
+            for step, entry in zip(row["top_logprobs"], sample.logprobs, strict=True):
+                assert len(step) == top
+                likeliest = sorted(entry.items(), key=lambda item: -item[1])[:top]
+                assert [(s["token_id"], pytest.approx(s["logprob"])) for s in step] == \
+                    [(t, lp) for t, lp in likeliest]
+        else:
+            assert "top_logprobs" not in row

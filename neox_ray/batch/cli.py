@@ -33,7 +33,7 @@ _COMMON_FLAGS: dict[str, str] = {
 }
 _GENERATE_FLAGS: dict[str, str] = {
     "prompt_column": "prompt_column", "messages_column": "messages_column", "chat_template": "chat_template",
-    "seed": "seed",
+    "seed": "seed", "logprobs": "logprobs", "top_logprobs": "top_logprobs",
     **{spec.name: f"sampling.{spec.name}" for spec in _SAMPLING_FLAG_SPECS},
 }
 _SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride",
@@ -82,6 +82,11 @@ def build_generate_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         shown_default = job_defaults.get(spec.name, spec.default)
         sampling.add_argument(spec.flag, **spec.argparse_options(shown_default, _SAMPLING_NOTES.get(spec.name, "")))
     sampling.add_argument("--seed", type=int, help="job seed; each row's seed derives from it and the row id")
+    sampling.add_argument("--logprobs", action="store_true", default=None,
+                          help="add token_ids, token_logprobs (of the chosen tokens) and cumulative_logprob")
+    sampling.add_argument("--top-logprobs", type=int, metavar="K",
+                          help="also add top_logprobs: the K likeliest tokens per step, as {token_id, logprob} "
+                               "(implies --logprobs)")
     return parser
 
 

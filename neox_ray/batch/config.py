@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from neox_ray.engine.engine_config import EngineConfig
-from neox_ray.engine.sampling_params import SamplingParams
+from neox_ray.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 JobKind = Literal["generate", "score"]
 
@@ -132,6 +132,10 @@ class GenerateJobConfig(JobConfig):
                                       "model's chat template (readable from every node)")
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64},
                                      description="SamplingParams defaults; per-row columns override some")
+    logprobs: bool = Field(default=False, description="add token_ids, token_logprobs (the chosen tokens) and "
+                           "cumulative_logprob to each sample")
+    top_logprobs: int | None = Field(default=None, ge=1, le=MAX_LOGPROBS, description="also add top_logprobs: "
+                                     "the K likeliest tokens at each step (implies logprobs)")
 
     @model_validator(mode="after")
     def _sampling(self) -> GenerateJobConfig:
@@ -140,6 +144,19 @@ class GenerateJobConfig(JobConfig):
             raise ValueError(f"sampling.n={params.n} with temperature 0 (greedy) gives {params.n} identical "
                              "samples; set a temperature > 0 or n = 1")
         return self
+
+    @property
+    def output_top_logprobs(self) -> int | None:
+        """None: no logprob columns; 0: the chosen tokens' logprobs; K: also the K likeliest tokens."""
+        if self.top_logprobs is not None:
+            return self.top_logprobs
+        return 0 if self.logprobs else None
+
+    @property
+    def engine_sampling(self) -> dict[str, Any]:
+        """The sampling defaults the engine runs with: the job's, plus the logprobs its output asks for."""
+        top = self.output_top_logprobs
+        return self.sampling if top is None else {**self.sampling, "logprobs": top}
 
     @property
     def sampling_params(self) -> SamplingParams:

@@ -36,6 +36,7 @@ from neox_ray.batch.sink import SUCCESS, SUMMARY, OutputDir, commit_block, final
 from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
 from neox_ray.batch.stages import (
     GENERATION_COLUMNS,
+    GENERATION_LOGPROB_COLUMNS,
     INTERNAL_COLUMNS,
     LOGLIKELIHOOD_COLUMNS,
     SCORE_COLUMNS,
@@ -95,6 +96,8 @@ def preflight(config: JobConfig) -> Preflight:
             raise JobError(f"sampling.max_tokens={max_tokens} leaves no room for a prompt in max_model_len="
                            f"{max_model_len}")
         reserved = tuple(c for c in GENERATION_COLUMNS) + INTERNAL_COLUMNS
+        if config.output_top_logprobs is not None:
+            reserved += GENERATION_LOGPROB_COLUMNS
         plan = plan_input(config.input, config.prompt_column, config.id_column, reserved, config.messages_column)
         if plan.is_chat:
             try:
@@ -133,7 +136,7 @@ def job_identity(config: JobConfig, checks: Preflight) -> dict[str, Any]:
     if config.revision is not None:
         identity["revision"] = config.revision
     if isinstance(config, GenerateJobConfig):
-        identity.update(prompt_column=checks.plan.text_column, sampling=dict(sorted(config.sampling.items())))
+        identity.update(prompt_column=checks.plan.text_column, sampling=dict(sorted(config.engine_sampling.items())))
     else:
         assert isinstance(config, ScoreJobConfig)
         identity.update(score_identity(config, checks))
@@ -248,7 +251,7 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
     if isinstance(config, GenerateJobConfig):
         ds = ds.map_batches(prepare_generation, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
                             fn_kwargs=dict(model=config.model, revision=config.revision,
-                                           prompt_column=checks.plan.text_column, sampling=config.sampling,
+                                           prompt_column=checks.plan.text_column, sampling=config.engine_sampling,
                                            job_seed=config.seed, max_model_len=checks.max_model_len,
                                            chat=checks.plan.is_chat, chat_template=config.chat_template))
         stage, constructor_kwargs = GenerateEngineStage, {}
@@ -278,8 +281,9 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
     if dry_run_rows is not None:
         return ds
     num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
+    top_logprobs = config.output_top_logprobs if isinstance(config, GenerateJobConfig) else None
     return ds.map_batches(commit_block, batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=cpu,
-                          fn_kwargs=dict(output=output, kind=kind, num_samples=num_samples))
+                          fn_kwargs=dict(output=output, kind=kind, num_samples=num_samples, top_logprobs=top_logprobs))
 
 
 def _restart_policy(config: JobConfig) -> dict[str, int]:
@@ -373,7 +377,9 @@ def dry_run(config: JobConfig, checks: Preflight, plan: BatchResourcePlan,
     wall = time.time() - started
     spans = [s for s in (engine_span(b) for b in batches) if s is not None]
     num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
-    tables = [format_generation(b, num_samples) if kind == "generate" else format_scores(b) for b in batches]
+    top_logprobs = config.output_top_logprobs if isinstance(config, GenerateJobConfig) else None
+    tables = [format_generation(b, num_samples, top_logprobs) if kind == "generate" else format_scores(b)
+              for b in batches]
     table = pa.concat_tables(tables) if tables else pa.table({})
     first_start = min(s[0] for s in spans) if spans else started
     engine_s = max(max(s[1] for s in spans) - first_start, 1e-6) if spans else wall

@@ -162,10 +162,11 @@ def block_file_name(ids: pa.ChunkedArray | pa.Array) -> str:
     return f"{PART_PREFIX}{digest}.parquet"
 
 
-def commit_block(batch: pa.Table, *, output: str, kind: str, num_samples: int) -> pa.Table:
+def commit_block(batch: pa.Table, *, output: str, kind: str, num_samples: int,
+                 top_logprobs: int | None = None) -> pa.Table:
     """Formats a block of engine output, writes it atomically, and returns one row of counts (for progress)."""
     span = engine_span(batch)
-    table = format_generation(batch, num_samples) if kind == "generate" else format_scores(batch)
+    table = format_generation(batch, num_samples, top_logprobs) if kind == "generate" else format_scores(batch)
     name = block_file_name(batch.column(ID))
     OutputDir(output).write_table_atomic(name, table)
     stats: dict[str, Any] = {

@@ -296,21 +296,34 @@ class GenerateEngineStage(_EngineActor):
                 self._exit_if_dead(exc)
                 errors[row] = str(exc)
         outputs = self._wait(futures, errors)
-        texts, generated, reasons = [], [], []
+        texts, generated, reasons, logprobs = [], [], [], []
         for row in range(batch.num_rows):
             output = outputs.get(row) if errors[row] is None else None
             completions = output.outputs if output is not None else []
             texts.append([c.text for c in completions] or None)
             generated.append([len(c.token_ids) for c in completions] or None)
             reasons.append([c.finish_reason for c in completions] or None)
+            logprobs.append([_sample_logprobs_json(c) for c in completions]
+                            if any(c.logprobs is not None for c in completions) else None)
         finished = time.time()
         batch = batch.drop_columns([TOKEN_IDS, SAMPLING])
         batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, type=pa.string()))
         return (batch.append_column(TEXTS, pa.array(texts, type=pa.list_(pa.string())))
                 .append_column(NUM_GENERATED, pa.array(generated, type=pa.list_(pa.int64())))
                 .append_column(FINISH_REASONS, pa.array(reasons, type=pa.list_(pa.string())))
+                .append_column(LOGPROBS, pa.array(logprobs, type=pa.list_(pa.string())))
                 .append_column(ENGINE_START, pa.array([started] * batch.num_rows, type=pa.float64()))
                 .append_column(ENGINE_END, pa.array([finished] * batch.num_rows, type=pa.float64())))
+
+
+def _sample_logprobs_json(completion: Any) -> str:
+    """One sample's logprobs as the engine gives them (``SamplingParams(logprobs=K)``): the chosen tokens,
+    their logprobs, the running sum and, per step, the K likeliest tokens (likeliest first)."""
+    entries = completion.logprobs or []
+    chosen = [entry[token] for token, entry in zip(completion.token_ids, entries, strict=False)]
+    top = [sorted(entry.items(), key=lambda item: -item[1]) for entry in entries]
+    return json.dumps({"token_ids": list(completion.token_ids), "token_logprobs": chosen,
+                       "cumulative_logprob": completion.cumulative_logprob, "top": top})
 
 
 class ScoreEngineStage(_EngineActor):
@@ -368,14 +381,19 @@ class ScoreEngineStage(_EngineActor):
 
 
 # ---- format (CPU, in the commit task) --------------------------------------------------------------------
-def format_generation(batch: pa.Table, num_samples: int) -> pa.Table:
+def format_generation(batch: pa.Table, num_samples: int, top_logprobs: int | None = None) -> pa.Table:
     """One row per (input row, sample): input columns, ``id``, the generation columns; ``sample_index`` only
-    when ``num_samples > 1``. An error row is repeated per sample so every sample of every row exists."""
+    when ``num_samples > 1``. An error row is repeated per sample so every sample of every row exists.
+    ``top_logprobs`` (None: none) adds ``token_ids``, ``token_logprobs``, ``cumulative_logprob`` and, when
+    K > 0, ``top_logprobs`` (per token, the K likeliest as {token_id, logprob})."""
     passthrough = [c for c in batch.column_names if c not in INTERNAL_COLUMNS and c not in GENERATION_COLUMNS]
     texts = batch.column(TEXTS).to_pylist()
     generated = batch.column(NUM_GENERATED).to_pylist()
     reasons = batch.column(FINISH_REASONS).to_pylist()
+    logprobs: list[Any] = (batch.column(LOGPROBS).to_pylist() if LOGPROBS in batch.column_names
+                           else [None] * batch.num_rows)
     take, sample_index, out_text, out_generated, out_reason = [], [], [], [], []
+    out_logprobs: list[dict[str, Any] | None] = []
     for row in range(batch.num_rows):
         for sample in range(num_samples):
             take.append(row)
@@ -384,16 +402,37 @@ def format_generation(batch: pa.Table, num_samples: int) -> pa.Table:
             out_text.append(texts[row][sample] if ok else None)
             out_generated.append(generated[row][sample] if ok else None)
             out_reason.append(reasons[row][sample] if ok else None)
+            has_logprobs = ok and logprobs[row] is not None and sample < len(logprobs[row])
+            out_logprobs.append(json.loads(logprobs[row][sample]) if has_logprobs else None)
     rows = batch.select(passthrough + ["num_prompt_tokens", "error"]).take(pa.array(take, type=pa.int64()))
     table = rows.select(passthrough)
     table = (table.append_column("generated_text", pa.array(out_text, type=pa.string()))
              .append_column("num_prompt_tokens", rows.column("num_prompt_tokens"))
              .append_column("num_generated_tokens", pa.array(out_generated, type=pa.int64()))
-             .append_column("finish_reason", pa.array(out_reason, type=pa.string()))
-             .append_column("error", rows.column("error")))
+             .append_column("finish_reason", pa.array(out_reason, type=pa.string())))
+    if top_logprobs is not None:
+        table = _append_logprob_columns(table, out_logprobs, top_logprobs)
+    table = table.append_column("error", rows.column("error"))
     if num_samples > 1:
         table = table.append_column("sample_index", pa.array(sample_index, type=pa.int64()))
     return table
+
+
+_TOP_LOGPROB = pa.struct([("token_id", pa.int64()), ("logprob", pa.float64())])
+
+
+def _append_logprob_columns(table: pa.Table, samples: list[dict[str, Any] | None], top_logprobs: int) -> pa.Table:
+    table = (table.append_column("token_ids", pa.array([s and s["token_ids"] for s in samples],
+                                                       type=pa.list_(pa.int64())))
+             .append_column(TOKEN_LOGPROBS, pa.array([s and s["token_logprobs"] for s in samples],
+                                                     type=pa.list_(pa.float64())))
+             .append_column("cumulative_logprob", pa.array([s and s["cumulative_logprob"] for s in samples],
+                                                           type=pa.float64())))
+    if top_logprobs == 0:
+        return table
+    top = [None if s is None else [[{"token_id": t, "logprob": lp} for t, lp in step[:top_logprobs]]
+                                   for step in s["top"]] for s in samples]
+    return table.append_column("top_logprobs", pa.array(top, type=pa.list_(pa.list_(_TOP_LOGPROB))))
 
 
 def format_scores(batch: pa.Table) -> pa.Table:
