@@ -331,3 +331,50 @@ def test_generation_stage_logprobs_match_the_engine(tiny_checkpoint: Path, top: 
                     [(t, lp) for t, lp in likeliest]
         else:
             assert "top_logprobs" not in row
+
+
+# ---- /v1/score, in process -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def score_client(llm: LLM):
+    from fastapi.testclient import TestClient
+
+    from neox_ray.engine.async_engine import AsyncLLMEngine
+    from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
+
+    engine = AsyncLLMEngine(llm.engine)
+    try:
+        yield TestClient(create_app(OpenAIServer(engine, ServerSettings("tiny"))))
+    finally:
+        engine.shutdown()
+
+
+def test_score_route_loglikelihood_and_rolling_match_llm(score_client, llm: LLM) -> None:
+    expected = llm.loglikelihood(PAIRS, return_token_logprobs=True)
+    bodies = [{"pairs": [list(p) for p in PAIRS]},
+              {"context": [p[0] for p in PAIRS], "continuation": [p[1] for p in PAIRS]}]
+    for body in bodies:
+        response = score_client.post("/v1/score", json={"model": "tiny", "mode": "loglikelihood",
+                                                        "return_token_logprobs": True, **body})
+        assert response.status_code == 200, response.text
+        for got, want in zip(response.json()["data"], expected, strict=True):
+            assert got["object"] == "loglikelihood" and got["is_greedy"] == want.is_greedy
+            assert got["logprob"] == pytest.approx(want.logprob, rel=1e-5)
+            assert got["token_logprobs"] == pytest.approx(want.token_logprobs, rel=1e-5)
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    rolling = score_client.post("/v1/score", json={"model": "tiny", "input": text, "perplexity": "rolling"})
+    assert rolling.status_code == 200, rolling.text
+    assert rolling.json()["data"][0]["nll"] == pytest.approx(llm.score(text, perplexity="rolling")[0].nll, rel=1e-5)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"mode": "loglikelihood"}, "pairs"),
+    ({"mode": "loglikelihood", "context": ["a"]}, "continuation"),
+    ({"mode": "loglikelihood", "context": ["a", "b"], "continuation": ["c"]}, "continuation"),
+    ({"mode": "loglikelihood", "pairs": [["a", "b"]], "input": "x"}, "input"),
+    ({"mode": "loglikelihood", "pairs": [["a", ""]]}, "pairs"),
+    ({}, "input"),
+])
+def test_score_route_bad_loglikelihood_bodies_are_400(score_client, body: dict, param: str) -> None:
+    response = score_client.post("/v1/score", json={"model": "tiny", **body})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

@@ -288,14 +288,19 @@ class AsyncLLMEngine:
             futures.append(future)
         return futures
 
-    async def loglikelihood(self, items: LoglikelihoodItems,
-                            keep_token_logprobs: bool = False) -> list[LoglikelihoodOutput]:
+    async def loglikelihood(self, items: LoglikelihoodItems, keep_token_logprobs: bool = False,
+                            deadline: float | None = None) -> list[LoglikelihoodOutput]:
         """:meth:`LLMEngine.loglikelihood` for an event loop: :class:`ScoreItemError` for the first bad pair
-        (before anything runs), else every pair's result, or the first request's error."""
+        (before anything runs), else every pair's result, or the first request's error; past ``deadline``
+        (``time.monotonic()``) :class:`DeadlineExceeded` (the prefill-only requests already queued finish)."""
         plan = self.engine.plan_loglikelihood(items)
         plan.raise_first_error()
         futures = self.loglikelihood_futures(items, keep_token_logprobs, plan)
-        return [await asyncio.wrap_future(future) for future in futures]
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded() from None
 
     def loglikelihood_futures(self, items: LoglikelihoodItems, keep_token_logprobs: bool = False,
                               plan: LoglikelihoodPlan | None = None) -> list[concurrent.futures.Future]:
