@@ -43,8 +43,10 @@ _SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window"
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML job config; the flags below override its keys")
-    parser.add_argument("--model", help="checkpoint directory (HF format) readable from every node, or a hub id "
-                                        "ORG/NAME[@REVISION]")
+    parser.add_argument("--model", action="append",
+                        help="checkpoint directory (HF format) readable from every node, or a hub id "
+                             "ORG/NAME[@REVISION]; score: repeat it to sweep checkpoints (one output "
+                             "subdirectory each, plus sweep.json and sweep.png)")
     parser.add_argument("--input", help="Parquet file or directory (local path or URI)")
     parser.add_argument("--output", help="output directory; rerunning with the same one resumes the job")
     parser.add_argument("--id-column", help="column holding unique row ids (default: id; derived from file and "
@@ -136,6 +138,18 @@ def add_parser(subparsers: Any) -> None:
 def overrides_from_args(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     flags = {**_COMMON_FLAGS, **(_GENERATE_FLAGS if kind == "generate" else _SCORE_FLAGS)}
     overrides = {key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None}
+    models = overrides.pop("model", None)
+    if models is not None:  # --model repeats: one checkpoint, or (score) a sweep
+        if len(models) == 1:
+            overrides["model"] = models[0]
+            if kind == "score":
+                overrides["models"] = None  # the flag replaces a sweep of the config file
+        elif kind == "score":
+            overrides.update(model=None, models=list(models))
+        else:
+            from neox_ray.batch.config import JobConfigError
+
+            raise JobConfigError(f"{kind} takes one --model (got {len(models)}); only score sweeps checkpoints")
     if "replicas.num_replicas" in overrides:  # a fixed pool from the command line replaces autoscaling bounds
         overrides.setdefault("replicas.min_replicas", None)
         overrides.setdefault("replicas.max_replicas", None)
@@ -153,7 +167,11 @@ def run_from_args(kind: str, args: argparse.Namespace) -> int:
 
     config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
     summary = run_job(config)
-    if "dry_run_rows" in summary:
+    if "sweep" in summary:
+        from neox_ray.batch.sweep import format_sweep
+
+        print(format_sweep(summary))
+    elif "dry_run_rows" in summary:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))

@@ -187,6 +187,20 @@ class ScoreJobConfig(JobConfig):
     stride: int | None = Field(default=None, ge=1, description="tokens between window starts (default: window/2)")
     token_logprobs: bool = Field(default=False, description="add token_logprobs: one logprob per scored token")
     rows_per_file: int = Field(default=4096, ge=1)
+    # A checkpoint sweep: the same job under each of these (directories or ID@REVISION), one output
+    # subdirectory each, plus sweep.json / sweep.png. ``model`` is then the first of them.
+    models: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_of_a_sweep(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("models") is not None:
+            if "model" in data:
+                raise ValueError("give model (one checkpoint) or models (a sweep), not both")
+            models = data["models"]
+            if isinstance(models, list) and models and isinstance(models[0], str):
+                data = {**data, "model": models[0]}
+        return data
 
     @model_validator(mode="after")
     def _mode_options(self) -> ScoreJobConfig:
@@ -199,6 +213,10 @@ class ScoreJobConfig(JobConfig):
                                  "whole, truncated from the left to max_model_len like lm-eval)")
         elif self.perplexity == "rolling" and self.stride is not None:
             raise ValueError("stride only applies to perplexity=sliding (rolling windows are disjoint)")
+        if self.models is not None:
+            empty = [m for m in self.models if not m.strip()]
+            if empty or len(set(self.models)) != len(self.models):
+                raise ValueError(f"models must be distinct, non-empty checkpoints, got {self.models}")
         return self
 
 

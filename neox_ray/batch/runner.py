@@ -303,6 +303,10 @@ def _quiet_ray_data() -> None:
 
 def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> dict[str, Any]:
     """Runs (or resumes, or dry-runs) the job and returns its summary."""
+    if isinstance(config, ScoreJobConfig) and config.models is not None:  # a checkpoint sweep: one job each
+        from neox_ray.batch.sweep import run_sweep
+
+        return run_sweep(config, log)
     kind = kind_of(config)
     checks = preflight(config)
     if checks.plan.total_rows == 0:  # nothing to run: an empty result at once, without Ray or a model
