@@ -378,3 +378,12 @@ def test_score_route_loglikelihood_and_rolling_match_llm(score_client, llm: LLM)
 def test_score_route_bad_loglikelihood_bodies_are_400(score_client, body: dict, param: str) -> None:
     response = score_client.post("/v1/score", json={"model": "tiny", **body})
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_llm_loglikelihood_names_the_bad_pair(llm: LLM) -> None:
+    from neox_ray.engine.scoring import ScoreItemError
+
+    with pytest.raises(ScoreItemError, match="pair 1: continuation is empty"):
+        llm.loglikelihood([("a", "b"), ("a", "")])
+    with pytest.raises(ValueError, match="pair 0: expected"):
+        llm.loglikelihood([("a",)])  # type: ignore[list-item]

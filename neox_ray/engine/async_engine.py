@@ -310,7 +310,7 @@ class AsyncLLMEngine:
         plan = plan if plan is not None else self.engine.plan_loglikelihood(items)
         futures: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in range(plan.num_items)]
         for item, message in plan.errors.items():
-            futures[item].set_exception(ScoreItemError(item, message))
+            futures[item].set_exception(ScoreItemError(item, message, "pair"))
         for group in plan.groups():
             first, rest = group[0], group[1:]
             self._submit_loglikelihood(plan.tasks[first], keep_token_logprobs, futures[first])

@@ -139,8 +139,8 @@ ScoreItems = Sequence[tuple[str | None, list[int]]]
 class ScoreItemError(ValueError):
     """Item ``index`` of a scoring call cannot be scored; ``message`` says why (without the index)."""
 
-    def __init__(self, index: int, message: str):
-        super().__init__(f"text {index}: {message}")
+    def __init__(self, index: int, message: str, what: str = "text"):
+        super().__init__(f"{what} {index}: {message}")
         self.index = index
         self.message = message
 
@@ -285,7 +285,7 @@ class LoglikelihoodPlan:
     def raise_first_error(self) -> None:
         if self.errors:
             index = min(self.errors)
-            raise ScoreItemError(index, self.errors[index])
+            raise ScoreItemError(index, self.errors[index], "pair")
 
     def groups(self) -> list[list[int]]:
         """Items grouped by shared context, in first-seen order. The first of a group computes the context;
