@@ -336,13 +336,15 @@ def test_generation_stage_logprobs_match_the_engine(tiny_checkpoint: Path, top: 
 # ---- /v1/score, in process -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def score_client(llm: LLM):
+def score_client(tiny_checkpoint: Path):
     from fastapi.testclient import TestClient
 
     from neox_ray.engine.async_engine import AsyncLLMEngine
     from neox_ray.serve.server import OpenAIServer, ServerSettings, create_app
 
-    engine = AsyncLLMEngine(llm.engine)
+    # Its own engine: the loop thread steps it, so it must not be the one the `llm` fixture steps itself.
+    engine = AsyncLLMEngine(LLM(str(tiny_checkpoint), block_size=4, max_num_batched_tokens=64, max_num_seqs=8,
+                                max_model_len=MAX_LEN).engine)
     try:
         yield TestClient(create_app(OpenAIServer(engine, ServerSettings("tiny"))))
     finally:
@@ -387,3 +389,45 @@ def test_llm_loglikelihood_names_the_bad_pair(llm: LLM) -> None:
         llm.loglikelihood([("a", "b"), ("a", "")])
     with pytest.raises(ValueError, match="pair 0: expected"):
         llm.loglikelihood([("a",)])  # type: ignore[list-item]
+
+
+def test_loglikelihood_preflight_checks_both_columns(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from neox_ray.batch.config import validate_job_config
+    from neox_ray.batch.runner import JobError, job_identity, preflight
+    from neox_ray.batch.source import InputError
+
+    def config(**columns):
+        pq.write_table(pa.table(columns), tmp_path / "in.parquet")
+        return validate_job_config("score", {"model": str(tiny_checkpoint), "input": str(tmp_path / "in.parquet"),
+                                             "output": str(tmp_path / "out"), "mode": "loglikelihood"})
+
+    good = config(context=["a"], continuation=["b"])
+    assert job_identity(good, preflight(good))["mode"] == "loglikelihood"
+    with pytest.raises(JobError, match="no column 'context'"):
+        preflight(config(question=["a"], continuation=["b"]))
+    with pytest.raises(JobError, match="must hold strings"):
+        preflight(config(context=[1], continuation=["b"]))
+    with pytest.raises(InputError, match="continuation"):
+        preflight(config(context=["a"], answer=["b"]))
+
+
+def test_async_loglikelihood_serves_shared_contexts_from_the_cache(tiny_checkpoint: Path, hf) -> None:
+    import asyncio
+
+    from neox_ray.engine.async_engine import AsyncLLMEngine
+
+    llm = LLM(str(tiny_checkpoint), block_size=4, max_num_batched_tokens=256, max_model_len=128)
+    context = llm.tokenizer.encode("A shared multiple-choice question about the sea, ships and sailors?")
+    items = [(context, llm.tokenizer.encode(choice)) for choice in (" yes", " no", " maybe", " never")]
+    engine = AsyncLLMEngine(llm.engine)
+    try:
+        outputs = asyncio.run(engine.loglikelihood(items))
+    finally:
+        engine.shutdown()
+    assert llm.engine.stats()["prefix_cache_hit_blocks"] >= 3 * ((len(context) - 1) // 4)
+    for (context_ids, continuation_ids), output in zip(items, outputs, strict=True):
+        expected, _ = hf_loglikelihood(hf, context_ids, continuation_ids, 128)
+        assert output.logprob == pytest.approx(expected, rel=1e-4)

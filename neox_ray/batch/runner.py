@@ -115,6 +115,13 @@ def preflight(config: JobConfig) -> Preflight:
         if config.context_column not in plan.schema.names:
             raise JobError(f"input {config.input} has no column {config.context_column!r} (contexts; columns: "
                            f"{', '.join(plan.schema.names)}); set --context-column")
+        context_type = plan.schema.field(config.context_column).type
+        if pa.types.is_dictionary(context_type):
+            context_type = context_type.value_type
+        if not (pa.types.is_string(context_type) or pa.types.is_large_string(context_type)
+                or pa.types.is_string_view(context_type) or pa.types.is_null(context_type)):
+            raise JobError(f"input column {config.context_column!r} has Arrow type {context_type}; it must hold "
+                           "strings")
         return Preflight(plan, max_model_len)
     window = config.window if config.window is not None else max_model_len
     stride: int | None = config.stride if config.stride is not None else max(1, window // 2)
