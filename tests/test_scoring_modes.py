@@ -431,3 +431,34 @@ def test_async_loglikelihood_serves_shared_contexts_from_the_cache(tiny_checkpoi
     for (context_ids, continuation_ids), output in zip(items, outputs, strict=True):
         expected, _ = hf_loglikelihood(hf, context_ids, continuation_ids, 128)
         assert output.logprob == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_generate_job_with_top_logprobs_end_to_end(ray_session, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from neox_ray import SamplingParams
+    from neox_ray.batch.config import validate_job_config
+    from neox_ray.batch.runner import run_job
+    from neox_ray.batch.sink import read_output
+
+    prompts: list = ["the quick brown fox", None, "ray data reads parquet", "a lazy dog"]
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "p.parquet")
+    raw = {"model": str(tiny_checkpoint), "input": str(tmp_path / "p.parquet"), "output": str(tmp_path / "out"),
+           "sampling": {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}, "top_logprobs": 2,
+           "engine": {"device": "cpu", "dtype": "float32"}, "rows_per_file": 2, "progress_interval_s": 1000.0,
+           "replicas": {"num_replicas": 1, "num_cpus": 0.5, "batch_size": 2}}
+    run_job(validate_job_config("generate", raw), log=lambda line: None)
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert rows["p.parquet:1"]["error"] == "prompt is null" and rows["p.parquet:1"]["top_logprobs"] is None
+    reference = LLM(str(tiny_checkpoint), device="cpu", dtype="float32")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
+    for index in (0, 2, 3):
+        row, sample = rows[f"p.parquet:{index}"], reference.generate(prompts[index], params)[0].outputs[0]
+        assert row["token_ids"] == sample.token_ids
+        assert row["token_logprobs"] == pytest.approx([e[t] for t, e in zip(sample.token_ids, sample.logprobs,
+                                                                             strict=True)], rel=1e-5)
+        assert row["cumulative_logprob"] == pytest.approx(sample.cumulative_logprob, rel=1e-5)
+        assert [[s["token_id"] for s in step] for step in row["top_logprobs"]] == \
+            [[t for t, _ in sorted(e.items(), key=lambda item: -item[1])[:2]] for e in sample.logprobs]
