@@ -5,8 +5,10 @@ event loop submit requests and receive every update as it is produced: an async 
 deployment (streaming; :meth:`AsyncLLMEngine.submit_many` merges several requests into one
 :class:`RequestStream` of ``(index, output)`` with a deadline), a future for the Ray Data stage. Scoring
 fans a text out into window requests and back (:meth:`score` for event loops, :meth:`score_futures` for
-threads). New requests join the running batch at the next step; a consumer that stops early (a client
-that disconnected, a deadline, an error) aborts its unfinished requests, freeing their KV blocks at once.
+threads); :meth:`loglikelihood_futures` submits the first pair of each shared context at once and the others
+when it finished, so they reuse its cached blocks. New requests join the running batch at the next step; a
+consumer that stops early (a client that disconnected, a deadline, an error) aborts its unfinished requests,
+freeing their KV blocks at once.
 
 A failure the engine can pin on one request (see :meth:`LLMEngine.step`) fails only that request: its
 caller gets :class:`RequestFailedError` and the loop goes on. If a step raises, the engine is marked

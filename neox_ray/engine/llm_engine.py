@@ -6,7 +6,9 @@ runs one forward pass through the executor, applies sampled tokens, detokenizes 
 stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once. A failure
 that belongs to one request fails that request alone (``RequestOutput.error``; a failed forward pass is
 rerun request by request to find out whose it is); only what cannot be pinned on a request raises.
-``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back.
+``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back;
+``loglikelihood`` runs one prefill-only request per (context, continuation) pair, in two waves (the first
+pair of each context, then the rest) so the prefix cache serves every shared context after computing it once.
 
 Everything above it (``LLM`` for offline use, the Ray Data stage, the Serve deployment) drives this one
 class; none has a generation loop of its own.

@@ -5,8 +5,9 @@ prefills (a prompt, or a chunk of one when it does not fit: chunked prefill), so
 running batch as soon as others finish and long prompts never stall decodes. When the KV cache runs out
 of blocks, the most recently admitted running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed later (its generated tokens are kept), so every request
-eventually completes. Pure Python: no torch, no tokenizer; stop *strings* are checked by the engine,
-which calls :meth:`Scheduler.finish`.
+eventually completes. A prefill-only sequence (scoring) never computes its last token: nothing reads
+that token's logits, and its own logprob comes from the position before it. Pure Python: no torch, no
+tokenizer; stop *strings* are checked by the engine, which calls :meth:`Scheduler.finish`.
 """
 
 from __future__ import annotations
