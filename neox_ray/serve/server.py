@@ -33,9 +33,9 @@ from neox_ray.serve.errors import (APIError, bad_request, engine_dead, install_e
                                    queue_full, request_timeout)
 from neox_ray.serve.metrics import ServerMetrics, TokenLatencyObserver
 from neox_ray.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                     LoglikelihoodResult, ModelCard, ModelList, PromptField, SAMPLING_REQUEST_FIELDS,
-                                     ScoreRequest, ScoreResponse, ScoreResult, Usage, clamp_logprob, dump, finite_or_none,
-                                     new_completion_id, now_s)
+                                     LoglikelihoodResult, ModelCard, ModelList, PromptField,
+                                     SAMPLING_REQUEST_FIELDS, ScoreRequest, ScoreResponse, ScoreResult, Usage,
+                                     clamp_logprob, dump, finite_or_none, new_completion_id, now_s)
 
 # Request fields copied into the engine's SamplingParams: derived from the schema, never listed here.
 # prompt_logprobs is not one: echo=true with logprobs sets it (the response has no other place for them).
