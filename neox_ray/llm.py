@@ -1,4 +1,5 @@
-"""``LLM``: the offline entry point, shaped like vLLM's (``generate``, ``score``).
+"""``LLM``: the offline entry point, shaped like vLLM's (``generate``, ``score``) plus lm-eval's
+``loglikelihood`` of (context, continuation) pairs.
 
 A thin driver over :class:`LLMEngine`: it validates every input up front (so a bad item fails before any
 compute, naming its index), queues all requests, steps the engine until they finish and returns results
@@ -17,6 +18,7 @@ from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.llm_engine import LLMEngine, RequestFailedError
 from neox_ray.engine.outputs import RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
+from neox_ray.engine.scoring import LoglikelihoodOutput, encode_pair
 
 PromptInput = str | Sequence[int]
 
@@ -84,8 +86,10 @@ class LLM:
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, texts: PromptInput | Sequence[PromptInput], window: int | None = None,
               stride: int | None = None, return_token_logprobs: bool = False,
-              use_tqdm: bool = False) -> list[ScoreOutput]:
-        """Per-text NLL / perplexity with every token scored once (see :mod:`neox_ray.engine.scoring`)."""
+              use_tqdm: bool = False, perplexity: str = "sliding") -> list[ScoreOutput]:
+        """Per-text NLL / perplexity with every token scored once (see :mod:`neox_ray.engine.scoring`):
+        ``perplexity="sliding"`` (overlapping windows, more context per token) or ``"rolling"`` (lm-eval's
+        ``loglikelihood_rolling``: disjoint windows of up to ``window`` tokens; what lm-eval reports)."""
         encoded: list[tuple[str | None, list[int]]] = []
         for index, item in enumerate(_as_prompt_list(texts)):
             try:
@@ -96,7 +100,7 @@ class LLM:
             except ValueError as exc:
                 raise ValueError(f"text {index}: {exc}") from None
             encoded.append((text, ids))
-        plan = self.engine.plan_scores(encoded, window, stride)
+        plan = self.engine.plan_scores(encoded, window, stride, perplexity)
         plan.raise_first_error()  # before the progress bar opens
         if not use_tqdm:
             return self.engine.run_score_plan(plan, return_token_logprobs)
@@ -105,6 +109,22 @@ class LLM:
             return self.engine.run_score_plan(plan, return_token_logprobs, lambda output: progress.update(0))
         finally:
             progress.close()
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's tokenization of one pair (see :func:`neox_ray.engine.scoring.encode_pair`)."""
+        return encode_pair(context, continuation, self.tokenizer.encode, self.engine.eot_token_id)
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], return_token_logprobs: bool = False
+                      ) -> list[LoglikelihoodOutput]:
+        """lm-eval's ``loglikelihood``: for each (context, continuation), the summed natural-log probability
+        of the continuation's tokens and whether each is the argmax. Pairs sharing a context compute it once
+        (the prefix cache serves it to the others)."""
+        encoded = []
+        for index, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise ValueError(f"pair {index}: expected (context, continuation) strings, got {pair!r}")
+            encoded.append(self.encode_pair(pair[0], pair[1]))
+        return self.engine.loglikelihood(encoded, return_token_logprobs)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

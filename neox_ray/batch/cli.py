@@ -33,16 +33,20 @@ _COMMON_FLAGS: dict[str, str] = {
 }
 _GENERATE_FLAGS: dict[str, str] = {
     "prompt_column": "prompt_column", "messages_column": "messages_column", "chat_template": "chat_template",
-    "seed": "seed",
+    "seed": "seed", "logprobs": "logprobs", "top_logprobs": "top_logprobs",
     **{spec.name: f"sampling.{spec.name}" for spec in _SAMPLING_FLAG_SPECS},
 }
-_SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride"}
+_SCORE_FLAGS: dict[str, str] = {"text_column": "text_column", "window": "window", "stride": "stride",
+                                "mode": "mode", "perplexity": "perplexity", "context_column": "context_column",
+                                "continuation_column": "continuation_column", "token_logprobs": "token_logprobs"}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML job config; the flags below override its keys")
-    parser.add_argument("--model", help="checkpoint directory (HF format) readable from every node, or a hub id "
-                                        "ORG/NAME[@REVISION]")
+    parser.add_argument("--model", action="append",
+                        help="checkpoint directory (HF format) readable from every node, or a hub id "
+                             "ORG/NAME[@REVISION]; score: repeat it to sweep checkpoints (one output "
+                             "subdirectory each, plus sweep.json and sweep.png)")
     parser.add_argument("--input", help="Parquet file or directory (local path or URI)")
     parser.add_argument("--output", help="output directory; rerunning with the same one resumes the job")
     parser.add_argument("--id-column", help="column holding unique row ids (default: id; derived from file and "
@@ -80,6 +84,11 @@ def build_generate_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         shown_default = job_defaults.get(spec.name, spec.default)
         sampling.add_argument(spec.flag, **spec.argparse_options(shown_default, _SAMPLING_NOTES.get(spec.name, "")))
     sampling.add_argument("--seed", type=int, help="job seed; each row's seed derives from it and the row id")
+    sampling.add_argument("--logprobs", action="store_true", default=None,
+                          help="add token_ids, token_logprobs (of the chosen tokens) and cumulative_logprob")
+    sampling.add_argument("--top-logprobs", type=int, metavar="K",
+                          help="also add top_logprobs: the K likeliest tokens per step, as {token_id, logprob} "
+                               "(implies --logprobs)")
     return parser
 
 
@@ -94,9 +103,20 @@ def _job_sampling_defaults() -> dict[str, Any]:
 def build_score_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common(parser)
     scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--mode", choices=("perplexity", "loglikelihood"),
+                         help="perplexity (default): a text per row -> NLL / perplexity; loglikelihood: (context, "
+                              "continuation) rows -> lm-eval's logprob and is_greedy of the continuation")
+    scoring.add_argument("--perplexity", choices=("sliding", "rolling"),
+                         help="sliding (default): overlapping windows, more context per token; rolling: lm-eval's "
+                              "loglikelihood_rolling (disjoint windows), the number lm-eval reports")
     scoring.add_argument("--text-column", help="column holding the texts (default: text)")
+    scoring.add_argument("--context-column", help="loglikelihood: column holding the contexts (default: context)")
+    scoring.add_argument("--continuation-column",
+                         help="loglikelihood: column holding the continuations (default: continuation)")
     scoring.add_argument("--window", type=int, help="tokens per scoring window (default: max_model_len)")
     scoring.add_argument("--stride", type=int, help="tokens between window starts (default: window / 2)")
+    scoring.add_argument("--token-logprobs", action="store_true", default=None,
+                         help="add a token_logprobs column: the logprob of every scored token")
     return parser
 
 
@@ -107,15 +127,29 @@ def add_parser(subparsers: Any) -> None:
                     "rerun with the same --output to finish an interrupted job.")
     build_generate_parser(generate).set_defaults(func=lambda args: run_from_args("generate", args))
     score = subparsers.add_parser(
-        "score", help="perplexity scoring: Parquet texts in, per-row NLL / perplexity out (Ray Data)",
-        description="Score every text of a Parquet dataset (sliding-window NLL, perplexity, bits per byte) "
-                    "and write summary.json with the token-weighted corpus metrics.")
+        "score", help="scoring: Parquet texts in, per-row NLL / perplexity out; or (context, continuation) "
+                      "rows in, lm-eval loglikelihoods out (Ray Data)",
+        description="Score every text of a Parquet dataset (sliding-window or rolling NLL, perplexity, bits per "
+                    "byte), or every (context, continuation) row (--mode loglikelihood), and write summary.json "
+                    "with the corpus totals.")
     build_score_parser(score).set_defaults(func=lambda args: run_from_args("score", args))
 
 
 def overrides_from_args(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     flags = {**_COMMON_FLAGS, **(_GENERATE_FLAGS if kind == "generate" else _SCORE_FLAGS)}
     overrides = {key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None}
+    models = overrides.pop("model", None)
+    if models is not None:  # --model repeats: one checkpoint, or (score) a sweep
+        if len(models) == 1:
+            overrides["model"] = models[0]
+            if kind == "score":
+                overrides["models"] = None  # the flag replaces a sweep of the config file
+        elif kind == "score":
+            overrides.update(model=None, models=list(models))
+        else:
+            from neox_ray.batch.config import JobConfigError
+
+            raise JobConfigError(f"{kind} takes one --model (got {len(models)}); only score sweeps checkpoints")
     if "replicas.num_replicas" in overrides:  # a fixed pool from the command line replaces autoscaling bounds
         overrides.setdefault("replicas.min_replicas", None)
         overrides.setdefault("replicas.max_replicas", None)
@@ -133,7 +167,11 @@ def run_from_args(kind: str, args: argparse.Namespace) -> int:
 
     config = load_job_config(kind, args.config, overrides_from_args(kind, args))  # type: ignore[arg-type]
     summary = run_job(config)
-    if "dry_run_rows" in summary:
+    if "sweep" in summary:
+        from neox_ray.batch.sweep import format_sweep
+
+        print(format_sweep(summary))
+    elif "dry_run_rows" in summary:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from neox_ray.engine.engine_config import EngineConfig
-from neox_ray.engine.sampling_params import SamplingParams
+from neox_ray.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 JobKind = Literal["generate", "score"]
 
@@ -132,6 +132,10 @@ class GenerateJobConfig(JobConfig):
                                       "model's chat template (readable from every node)")
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64},
                                      description="SamplingParams defaults; per-row columns override some")
+    logprobs: bool = Field(default=False, description="add token_ids, token_logprobs (the chosen tokens) and "
+                           "cumulative_logprob to each sample")
+    top_logprobs: int | None = Field(default=None, ge=1, le=MAX_LOGPROBS, description="also add top_logprobs: "
+                                     "the K likeliest tokens at each step (implies logprobs)")
 
     @model_validator(mode="after")
     def _sampling(self) -> GenerateJobConfig:
@@ -140,6 +144,19 @@ class GenerateJobConfig(JobConfig):
             raise ValueError(f"sampling.n={params.n} with temperature 0 (greedy) gives {params.n} identical "
                              "samples; set a temperature > 0 or n = 1")
         return self
+
+    @property
+    def output_top_logprobs(self) -> int | None:
+        """None: no logprob columns; 0: the chosen tokens' logprobs; K: also the K likeliest tokens."""
+        if self.top_logprobs is not None:
+            return self.top_logprobs
+        return 0 if self.logprobs else None
+
+    @property
+    def engine_sampling(self) -> dict[str, Any]:
+        """The sampling defaults the engine runs with: the job's, plus the logprobs its output asks for."""
+        top = self.output_top_logprobs
+        return self.sampling if top is None else {**self.sampling, "logprobs": top}
 
     @property
     def sampling_params(self) -> SamplingParams:
@@ -157,10 +174,50 @@ class GenerateJobConfig(JobConfig):
 
 
 class ScoreJobConfig(JobConfig):
+    # perplexity: one text per row -> NLL / perplexity; loglikelihood: (context, continuation) rows -> lm-eval's
+    # loglikelihood of the continuation (logprob, is_greedy).
+    mode: Literal["perplexity", "loglikelihood"] = "perplexity"
+    # sliding: overlapping windows (more context per token, lower perplexity); rolling: lm-eval's
+    # loglikelihood_rolling (disjoint windows; what lm-eval reports).
+    perplexity: Literal["sliding", "rolling"] = "sliding"
     text_column: str = "text"
+    context_column: str = "context"
+    continuation_column: str = "continuation"
     window: int | None = Field(default=None, ge=2, description="tokens per scoring window (default: max_model_len)")
     stride: int | None = Field(default=None, ge=1, description="tokens between window starts (default: window/2)")
+    token_logprobs: bool = Field(default=False, description="add token_logprobs: one logprob per scored token")
     rows_per_file: int = Field(default=4096, ge=1)
+    # A checkpoint sweep: the same job under each of these (directories or ID@REVISION), one output
+    # subdirectory each, plus sweep.json / sweep.png. ``model`` is then the first of them.
+    models: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_of_a_sweep(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("models") is not None:
+            if "model" in data:
+                raise ValueError("give model (one checkpoint) or models (a sweep), not both")
+            models = data["models"]
+            if isinstance(models, list) and models and isinstance(models[0], str):
+                data = {**data, "model": models[0]}
+        return data
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> ScoreJobConfig:
+        if self.mode == "loglikelihood":
+            given = [name for name in ("window", "stride") if getattr(self, name) is not None]
+            if self.perplexity != "sliding":
+                given.append("perplexity")
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to mode=perplexity (loglikelihood reads each row "
+                                 "whole, truncated from the left to max_model_len like lm-eval)")
+        elif self.perplexity == "rolling" and self.stride is not None:
+            raise ValueError("stride only applies to perplexity=sliding (rolling windows are disjoint)")
+        if self.models is not None:
+            empty = [m for m in self.models if not m.strip()]
+            if empty or len(set(self.models)) != len(self.models):
+                raise ValueError(f"models must be distinct, non-empty checkpoints, got {self.models}")
+        return self
 
 
 CONFIG_CLASSES: dict[str, type[GenerateJobConfig] | type[ScoreJobConfig]] = {"generate": GenerateJobConfig,

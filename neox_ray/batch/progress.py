@@ -170,8 +170,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             value = summary.get(key)
             return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-        lines.append(f"   tokens {summary['num_tokens']:,} | perplexity {number('perplexity')} | bits/byte "
-                     f"{number('bits_per_byte')} | word perplexity {number('word_perplexity')}")
+        if summary.get("mode") == "loglikelihood":
+            lines.append(f"   continuation tokens {summary['num_tokens']:,} | mean logprob {number('mean_logprob')} | "
+                         f"greedy rows {summary['greedy_rows']:,}")
+        else:
+            lines.append(f"   tokens {summary['num_tokens']:,} | perplexity {number('perplexity')} | bits/byte "
+                         f"{number('bits_per_byte')} | word perplexity {number('word_perplexity')}")
     lines.append(f"   this run: {summary.get('rows_this_run', 0):,} rows, {summary.get('rows_resumed', 0):,} "
                  f"already committed before it; {summary['files']} files")
     return "\n".join(lines)

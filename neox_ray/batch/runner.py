@@ -37,14 +37,18 @@ from neox_ray.batch.sink import SUCCESS, SUMMARY, OutputDir, commit_block, final
 from neox_ray.batch.source import IdentifiedParquetDatasource, InputPlan, plan_input
 from neox_ray.batch.stages import (
     GENERATION_COLUMNS,
+    GENERATION_LOGPROB_COLUMNS,
     INTERNAL_COLUMNS,
+    LOGLIKELIHOOD_COLUMNS,
     SCORE_COLUMNS,
+    TOKEN_LOGPROBS,
     GenerateEngineStage,
     ScoreEngineStage,
     engine_span,
     format_generation,
     format_scores,
     prepare_generation,
+    prepare_loglikelihood,
     prepare_scoring,
 )
 from neox_ray.chat import ChatTemplate, ChatTemplateError
@@ -93,6 +97,8 @@ def preflight(config: JobConfig) -> Preflight:
             raise JobError(f"sampling.max_tokens={max_tokens} leaves no room for a prompt in max_model_len="
                            f"{max_model_len}")
         reserved = tuple(c for c in GENERATION_COLUMNS) + INTERNAL_COLUMNS
+        if config.output_top_logprobs is not None:
+            reserved += GENERATION_LOGPROB_COLUMNS
         plan = plan_input(config.input, config.prompt_column, config.id_column, reserved, config.messages_column)
         if plan.is_chat:
             try:
@@ -104,13 +110,30 @@ def preflight(config: JobConfig) -> Preflight:
                                f"{config.model} has no chat template; pass --chat-template FILE")
         return Preflight(plan, max_model_len)
     assert isinstance(config, ScoreJobConfig)
+    if config.mode == "loglikelihood":
+        reserved = LOGLIKELIHOOD_COLUMNS + (TOKEN_LOGPROBS,) + INTERNAL_COLUMNS
+        plan = plan_input(config.input, config.continuation_column, config.id_column, reserved)
+        if config.context_column not in plan.schema.names:
+            raise JobError(f"input {config.input} has no column {config.context_column!r} (contexts; columns: "
+                           f"{', '.join(plan.schema.names)}); set --context-column")
+        context_type = plan.schema.field(config.context_column).type
+        if pa.types.is_dictionary(context_type):
+            context_type = context_type.value_type
+        if not (pa.types.is_string(context_type) or pa.types.is_large_string(context_type)
+                or pa.types.is_string_view(context_type) or pa.types.is_null(context_type)):
+            raise JobError(f"input column {config.context_column!r} has Arrow type {context_type}; it must hold "
+                           "strings")
+        return Preflight(plan, max_model_len)
     window = config.window if config.window is not None else max_model_len
-    stride = config.stride if config.stride is not None else max(1, window // 2)
+    stride: int | None = config.stride if config.stride is not None else max(1, window // 2)
     try:
-        validate_window(window, stride, max_model_len)
+        validate_window(window, stride or 1, max_model_len)
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    plan = plan_input(config.input, config.text_column, config.id_column, SCORE_COLUMNS + INTERNAL_COLUMNS)
+    if config.perplexity == "rolling":
+        stride = None  # rolling windows are disjoint
+    reserved = SCORE_COLUMNS + (TOKEN_LOGPROBS,) + INTERNAL_COLUMNS
+    plan = plan_input(config.input, config.text_column, config.id_column, reserved)
     return Preflight(plan, max_model_len, window, stride)
 
 
@@ -121,10 +144,24 @@ def job_identity(config: JobConfig, checks: Preflight) -> dict[str, Any]:
     if config.revision is not None:
         identity["revision"] = config.revision
     if isinstance(config, GenerateJobConfig):
-        identity.update(prompt_column=checks.plan.text_column, sampling=dict(sorted(config.sampling.items())))
+        identity.update(prompt_column=checks.plan.text_column, sampling=dict(sorted(config.engine_sampling.items())))
     else:
         assert isinstance(config, ScoreJobConfig)
-        identity.update(text_column=config.text_column, window=checks.window, stride=checks.stride)
+        identity.update(score_identity(config, checks))
+    return identity
+
+
+def score_identity(config: ScoreJobConfig, checks: Preflight) -> dict[str, Any]:
+    """A score job's settings that change its numbers (the defaults keep earlier jobs' identities)."""
+    if config.mode == "loglikelihood":
+        identity: dict[str, Any] = {"mode": config.mode, "context_column": config.context_column,
+                                    "continuation_column": config.continuation_column}
+    else:
+        identity = {"text_column": config.text_column, "window": checks.window, "stride": checks.stride}
+        if config.perplexity != "sliding":
+            identity["perplexity"] = config.perplexity
+    if config.token_logprobs:
+        identity["token_logprobs"] = True
     return identity
 
 
@@ -222,17 +259,25 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
     if isinstance(config, GenerateJobConfig):
         ds = ds.map_batches(prepare_generation, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
                             fn_kwargs=dict(model=config.model, revision=config.revision,
-                                           prompt_column=checks.plan.text_column, sampling=config.sampling,
+                                           prompt_column=checks.plan.text_column, sampling=config.engine_sampling,
                                            job_seed=config.seed, max_model_len=checks.max_model_len,
                                            chat=checks.plan.is_chat, chat_template=config.chat_template))
         stage, constructor_kwargs = GenerateEngineStage, {}
     else:
         assert isinstance(config, ScoreJobConfig)
-        ds = ds.map_batches(prepare_scoring, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
-                            fn_kwargs=dict(model=config.model, revision=config.revision,
-                                           text_column=config.text_column))
+        if config.mode == "loglikelihood":
+            ds = ds.map_batches(prepare_loglikelihood, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
+                                fn_kwargs=dict(model=config.model, revision=config.revision,
+                                               context_column=config.context_column,
+                                               continuation_column=config.continuation_column))
+        else:
+            ds = ds.map_batches(prepare_scoring, batch_format="pyarrow", batch_size=None, num_cpus=cpu,
+                                fn_kwargs=dict(model=config.model, revision=config.revision,
+                                               text_column=config.text_column))
         stage = ScoreEngineStage
-        constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride)
+        constructor_kwargs = dict(text_column=config.text_column, window=checks.window, stride=checks.stride,
+                                  mode=config.mode, perplexity=config.perplexity,
+                                  token_logprobs=config.token_logprobs)
     low, high = (1, 1) if dry_run_rows is not None else config.replicas.pool_bounds
     calls = config.replicas.max_concurrent_batches
     in_flight = calls
@@ -250,8 +295,9 @@ def build_pipeline(config: JobConfig, checks: Preflight, skip_ids: pa.Array | No
     if dry_run_rows is not None:
         return ds
     num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
+    top_logprobs = config.output_top_logprobs if isinstance(config, GenerateJobConfig) else None
     return ds.map_batches(commit_block, batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=cpu,
-                          fn_kwargs=dict(output=output, kind=kind, num_samples=num_samples))
+                          fn_kwargs=dict(output=output, kind=kind, num_samples=num_samples, top_logprobs=top_logprobs))
 
 
 def _restart_policy(config: JobConfig) -> dict[str, int]:
@@ -271,6 +317,10 @@ def _quiet_ray_data() -> None:
 
 def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> dict[str, Any]:
     """Runs (or resumes, or dry-runs) the job and returns its summary."""
+    if isinstance(config, ScoreJobConfig) and config.models is not None:  # a checkpoint sweep: one job each
+        from neox_ray.batch.sweep import run_sweep
+
+        return run_sweep(config, log)
     kind = kind_of(config)
     checks = preflight(config)
     if checks.plan.total_rows == 0:  # nothing to run: an empty result at once, without Ray or a model
@@ -319,7 +369,7 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print_to_stderr) -> 
                     waiting.stop()
             log(progress.report())
         num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
-        return finalize(output, checks.plan, kind, num_samples, progress.run_stats())
+        return finalize(output, checks.plan, kind, num_samples, progress.run_stats(), score_mode=_score_mode(config))
     finally:
         _shutdown(started_ray)
 
@@ -344,6 +394,10 @@ def _job_metrics(kind: str, output: str) -> JobMetricsSink:
     return BatchJobMetrics(f"{kind}:{Path(output.rstrip('/')).name}")
 
 
+def _score_mode(config: JobConfig) -> str:
+    return config.mode if isinstance(config, ScoreJobConfig) else "perplexity"
+
+
 def _shutdown(started_ray: bool) -> None:
     if started_ray:
         import ray
@@ -362,7 +416,9 @@ def dry_run(config: JobConfig, checks: Preflight, plan: BatchResourcePlan,
     wall = time.time() - started
     spans = [s for s in (engine_span(b) for b in batches) if s is not None]
     num_samples = config.sampling_params.n if isinstance(config, GenerateJobConfig) else 1
-    tables = [format_generation(b, num_samples) if kind == "generate" else format_scores(b) for b in batches]
+    top_logprobs = config.output_top_logprobs if isinstance(config, GenerateJobConfig) else None
+    tables = [format_generation(b, num_samples, top_logprobs) if kind == "generate" else format_scores(b)
+              for b in batches]
     table = pa.concat_tables(tables) if tables else pa.table({})
     first_start = min(s[0] for s in spans) if spans else started
     engine_s = max(max(s[1] for s in spans) - first_start, 1e-6) if spans else wall
@@ -378,7 +434,8 @@ def dry_run(config: JobConfig, checks: Preflight, plan: BatchResourcePlan,
               "rows_per_s_per_replica": round(per_replica_rate, 3),
               "tokens_per_s_per_replica": round(tokens / engine_s, 3), "total_rows": checks.plan.total_rows,
               "replicas": replicas, "projected_wall_time_s": round(projected_s, 1)}
-    shown = [c for c in ("id", "generated_text", "finish_reason", "perplexity", "error") if c in table.column_names]
+    shown = [c for c in ("id", "generated_text", "finish_reason", "perplexity", "logprob", "is_greedy", "error")
+             if c in table.column_names]
     for row in table.select(shown).slice(0, 3).to_pylist():
         log(f"[dry run] {row}")
     log(f"[dry run] {rows} rows in {engine_s:.1f}s on one replica after {startup_s:.1f}s start-up: "

@@ -162,10 +162,11 @@ def block_file_name(ids: pa.ChunkedArray | pa.Array) -> str:
     return f"{PART_PREFIX}{digest}.parquet"
 
 
-def commit_block(batch: pa.Table, *, output: str, kind: str, num_samples: int) -> pa.Table:
+def commit_block(batch: pa.Table, *, output: str, kind: str, num_samples: int,
+                 top_logprobs: int | None = None) -> pa.Table:
     """Formats a block of engine output, writes it atomically, and returns one row of counts (for progress)."""
     span = engine_span(batch)
-    table = format_generation(batch, num_samples) if kind == "generate" else format_scores(batch)
+    table = format_generation(batch, num_samples, top_logprobs) if kind == "generate" else format_scores(batch)
     name = block_file_name(batch.column(ID))
     OutputDir(output).write_table_atomic(name, table)
     stats: dict[str, Any] = {
@@ -190,11 +191,15 @@ def _sum(column: pa.ChunkedArray) -> int:
 
 # ---- finish ----------------------------------------------------------------------------------------------
 def finalize(output: OutputDir, plan: InputPlan, kind: str, num_samples: int,
-             run_stats: dict[str, Any]) -> dict[str, Any]:
+             run_stats: dict[str, Any], score_mode: str = "perplexity") -> dict[str, Any]:
     """Verifies every input id is present exactly once, writes summary.json and then _SUCCESS."""
     files = output.part_files()
-    value_columns = (["num_prompt_tokens", "num_generated_tokens"] if kind == "generate"
-                     else ["num_tokens", "nll", "num_bytes", "num_words"])
+    if kind == "generate":
+        value_columns = ["num_prompt_tokens", "num_generated_tokens"]
+    elif score_mode == "loglikelihood":
+        value_columns = ["num_tokens", "logprob", "is_greedy"]
+    else:
+        value_columns = ["num_tokens", "nll", "num_bytes", "num_words"]
     tables = []
     for index, path in enumerate(files):
         table = pq.read_table(path, columns=[ID, "error", *value_columns], filesystem=output.filesystem)
@@ -205,7 +210,8 @@ def finalize(output: OutputDir, plan: InputPlan, kind: str, num_samples: int,
         _check_complete(output, plan, rows, num_samples)
     elif plan.total_rows == 0:  # an empty input has an empty result: the counts below all come out 0
         rows = pa.table({ID: pa.array([], pa.string()), "error": pa.array([], pa.string()),
-                         **{name: pa.array([], pa.float64()) for name in value_columns}})
+                         **{name: pa.array([], pa.bool_() if name == "is_greedy" else pa.float64())
+                            for name in value_columns}})
         removed = 0
     else:
         raise OutputError(f"output {output.uri} has no committed files")
@@ -219,6 +225,8 @@ def finalize(output: OutputDir, plan: InputPlan, kind: str, num_samples: int,
         summary["samples_per_row"] = num_samples
         summary["prompt_tokens"] = _sum(ok["num_prompt_tokens"])
         summary["generated_tokens"] = _sum(ok["num_generated_tokens"])
+    elif score_mode == "loglikelihood":
+        summary.update(loglikelihood_summary(ok))
     else:
         nll, tokens = float(pc.sum(ok["nll"]).as_py() or 0.0), _sum(ok["num_tokens"])
         num_bytes, words = _sum(ok["num_bytes"]), _sum(ok["num_words"])
@@ -237,6 +245,16 @@ def finalize(output: OutputDir, plan: InputPlan, kind: str, num_samples: int,
     return summary
 
 
+def loglikelihood_summary(ok: pa.Table) -> dict[str, Any]:
+    """Totals over the rows that scored: no accuracy (which rows are the right answers is the task's)."""
+    logprob, tokens = float(pc.sum(ok["logprob"]).as_py() or 0.0), _sum(ok["num_tokens"])
+    rows = ok.num_rows
+    return {"mode": "loglikelihood", "num_tokens": tokens, "logprob": logprob,
+            "mean_logprob": logprob / rows if rows else None,
+            "mean_token_logprob": logprob / tokens if tokens else None,
+            "greedy_rows": int(pc.sum(pc.cast(ok["is_greedy"], pa.int64())).as_py() or 0)}
+
+
 def finish_empty_input(output_uri: str, dry_run: bool, plan: InputPlan, kind: str, job_identity: dict[str, Any],
                        log: Callable[[str], None]) -> dict[str, Any]:
     """A 0-row input: nothing to run, so no Ray and no model. A real run still claims the output directory
@@ -250,7 +268,8 @@ def finish_empty_input(output_uri: str, dry_run: bool, plan: InputPlan, kind: st
     output.start(job_identity)
     num_samples = int(job_identity.get("sampling", {}).get("n", 1)) if kind == "generate" else 1
     summary = finalize(output, plan, kind, num_samples, {"wall_time_s": 0.0, "rows_this_run": 0,
-                                                         "rows_resumed": 0})
+                                                         "rows_resumed": 0},
+                       score_mode=str(job_identity.get("mode", "perplexity")))
     log(f"[{kind}] the input has 0 rows ({files}); wrote an empty result to {output_uri}")
     return summary
 

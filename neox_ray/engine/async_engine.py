@@ -5,8 +5,10 @@ event loop submit requests and receive every update as it is produced: an async 
 deployment (streaming; :meth:`AsyncLLMEngine.submit_many` merges several requests into one
 :class:`RequestStream` of ``(index, output)`` with a deadline), a future for the Ray Data stage. Scoring
 fans a text out into window requests and back (:meth:`score` for event loops, :meth:`score_futures` for
-threads). New requests join the running batch at the next step; a consumer that stops early (a client
-that disconnected, a deadline, an error) aborts its unfinished requests, freeing their KV blocks at once.
+threads); :meth:`loglikelihood_futures` submits the first pair of each shared context at once and the others
+when it finished, so they reuse its cached blocks. New requests join the running batch at the next step; a
+consumer that stops early (a client that disconnected, a deadline, an error) aborts its unfinished requests,
+freeing their KV blocks at once.
 
 A failure the engine can pin on one request (see :meth:`LLMEngine.step`) fails only that request: its
 caller gets :class:`RequestFailedError` and the loop goes on. If a step raises, the engine is marked
@@ -30,10 +32,18 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from neox_ray.engine.llm_engine import LLMEngine, RequestFailedError
+from neox_ray.engine.llm_engine import LOGLIKELIHOOD_PARAMS, LLMEngine, RequestFailedError
 from neox_ray.engine.outputs import RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
-from neox_ray.engine.scoring import ScoreItemError, ScoreItems, ScoreTask
+from neox_ray.engine.scoring import (
+    LoglikelihoodItems,
+    LoglikelihoodOutput,
+    LoglikelihoodPlan,
+    LoglikelihoodTask,
+    ScoreItemError,
+    ScoreItems,
+    ScoreTask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +187,7 @@ class AsyncLLMEngine:
 
     def _validate(self, request: EngineRequest) -> None:
         self.engine.validate_prompt(list(request.prompt_token_ids),
-                                    0 if request.prefill_only else request.params.max_tokens)
+                                    0 if request.prefill_only else request.params.max_tokens, request.prefill_only)
 
     def _reserve(self, count: int) -> None:
         """Counts ``count`` more pending requests, all or none (QueueFullError past the limit)."""
@@ -247,11 +257,11 @@ class AsyncLLMEngine:
     # ---- scoring -------------------------------------------------------------------------------------
     async def score(self, items: ScoreItems, window: int | None = None,
                     stride: int | None = None, keep_token_logprobs: bool = False,
-                    deadline: float | None = None) -> list[ScoreOutput]:
+                    deadline: float | None = None, perplexity: str = "sliding") -> list[ScoreOutput]:
         """:meth:`LLMEngine.score` for an event loop: raises ValueError for a bad window/stride and
         :class:`ScoreItemError` for a text that cannot be scored (before anything runs), then the
         errors of :meth:`submit_many` and of its stream."""
-        plan = self.engine.plan_scores(items, window, stride)
+        plan = self.engine.plan_scores(items, window, stride, perplexity)
         plan.raise_first_error()
         windows = plan.requests()
         finals = await self.submit_many([EngineRequest(w.token_ids, _WINDOW_PARAMS, prefill_only=True,
@@ -262,10 +272,11 @@ class AsyncLLMEngine:
 
     def score_futures(self, items: ScoreItems, window: int | None = None,
                       stride: int | None = None,
-                      keep_token_logprobs: bool = False) -> list[concurrent.futures.Future]:
+                      keep_token_logprobs: bool = False,
+                      perplexity: str = "sliding") -> list[concurrent.futures.Future]:
         """One future per text (for threaded callers), resolved with its :class:`ScoreOutput` or failed
         with its own error (:class:`ScoreItemError` if it cannot be scored); a bad window/stride raises."""
-        plan = self.engine.plan_scores(items, window, stride)
+        plan = self.engine.plan_scores(items, window, stride, perplexity)
         futures = []
         for item in range(plan.num_items):
             future: concurrent.futures.Future = concurrent.futures.Future()
@@ -278,6 +289,57 @@ class AsyncLLMEngine:
                     future.set_exception(exc)
             futures.append(future)
         return futures
+
+    async def loglikelihood(self, items: LoglikelihoodItems, keep_token_logprobs: bool = False,
+                            deadline: float | None = None) -> list[LoglikelihoodOutput]:
+        """:meth:`LLMEngine.loglikelihood` for an event loop: :class:`ScoreItemError` for the first bad pair
+        (before anything runs), else every pair's result, or the first request's error; past ``deadline``
+        (``time.monotonic()``) :class:`DeadlineExceeded` (the prefill-only requests already queued finish)."""
+        plan = self.engine.plan_loglikelihood(items)
+        plan.raise_first_error()
+        futures = self.loglikelihood_futures(items, keep_token_logprobs, plan)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded() from None
+
+    def loglikelihood_futures(self, items: LoglikelihoodItems, keep_token_logprobs: bool = False,
+                              plan: LoglikelihoodPlan | None = None) -> list[concurrent.futures.Future]:
+        """One future per (context ids, continuation ids) pair, resolved with its
+        :class:`LoglikelihoodOutput` or failed with its own error. The first pair of each shared context
+        is submitted at once, the others when it finished, so the prefix cache serves them its context."""
+        plan = plan if plan is not None else self.engine.plan_loglikelihood(items)
+        futures: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in range(plan.num_items)]
+        for item, message in plan.errors.items():
+            futures[item].set_exception(ScoreItemError(item, message, "pair"))
+        for group in plan.groups():
+            first, rest = group[0], group[1:]
+            self._submit_loglikelihood(plan.tasks[first], keep_token_logprobs, futures[first])
+
+            def submit_rest(_: concurrent.futures.Future, rest: list[int] = rest) -> None:
+                for item in rest:  # whether the first succeeded or not: each pair has its own outcome
+                    self._submit_loglikelihood(plan.tasks[item], keep_token_logprobs, futures[item])
+            futures[first].add_done_callback(submit_rest)
+        return futures
+
+    def _submit_loglikelihood(self, task: LoglikelihoodTask, keep_token_logprobs: bool,
+                              future: concurrent.futures.Future) -> None:
+        def sink(output: RequestOutput | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            elif output is not None and output.finished:
+                try:
+                    future.set_result(task.finish(output.prompt_logprobs or [], keep_token_logprobs))
+                except Exception as exc:
+                    future.set_exception(exc)
+        try:
+            self.submit(task.token_ids, LOGLIKELIHOOD_PARAMS, sink, prefill_only=True,
+                        logprob_start=task.logprob_start)
+        except Exception as exc:
+            future.set_exception(exc)
 
     def _submit_score_task(self, task: ScoreTask, keep_token_logprobs: bool,
                            future: concurrent.futures.Future) -> None:

@@ -73,12 +73,20 @@ class BlockManager:
             hashes.append((parent, tokens))
         return hashes
 
+    def _cacheable_blocks(self, seq: Sequence) -> int:
+        """Leading full blocks that may come from the cache. At least one token is left to compute (its
+        logits are needed to continue), and a logprob request computes every position from the one before
+        its first target (that position's logits score it): a shared context is reused, its targets never."""
+        num_tokens = seq.num_compute_tokens
+        if seq.logprob_start is not None:
+            num_tokens = min(num_tokens, seq.logprob_start)
+        return (num_tokens - 1) // self.block_size
+
     def _cached_prefix(self, seq: Sequence, use_cache: bool) -> list[int]:
         """Block ids of the longest computed prefix of ``seq`` already in the cache."""
         if not (self.enable_prefix_caching and use_cache):
             return []
-        # Leave at least one token to compute: its logits are needed to continue.
-        num_full = (seq.num_tokens - 1) // self.block_size
+        num_full = self._cacheable_blocks(seq)
         hits = []
         for content_hash, tokens in self._full_block_hashes(seq.token_ids, num_full):
             block_id = self.hash_to_block.get(content_hash)
@@ -99,7 +107,7 @@ class BlockManager:
         from a consecutive free run when possible, with ``lookahead_tokens`` of room softly reserved after it."""
         assert not seq.block_table, "sequence already holds blocks"
         hits = self._cached_prefix(seq, use_cache)
-        self.prefix_cache_queries += (seq.num_tokens - 1) // self.block_size if use_cache else 0
+        self.prefix_cache_queries += self._cacheable_blocks(seq) if use_cache else 0
         self.prefix_cache_hits += len(hits)
         for block_id in hits:
             block = self.blocks[block_id]

@@ -6,7 +6,9 @@ runs one forward pass through the executor, applies sampled tokens, detokenizes 
 stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once. A failure
 that belongs to one request fails that request alone (``RequestOutput.error``; a failed forward pass is
 rerun request by request to find out whose it is); only what cannot be pinned on a request raises.
-``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back.
+``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back;
+``loglikelihood`` runs one prefill-only request per (context, continuation) pair, in two waves (the first
+pair of each context, then the rest) so the prefix cache serves every shared context after computing it once.
 
 Everything above it (``LLM`` for offline use, the Ray Data stage, the Serve deployment) drives this one
 class; none has a generation loop of its own.
@@ -28,13 +30,25 @@ from neox_ray.engine.executor import Executor, UniprocExecutor
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.scheduler import ScheduledSequence, Scheduler
-from neox_ray.engine.scoring import ScoreItems, ScorePlan, plan_scores, validate_window
+from neox_ray.engine.scoring import (
+    LoglikelihoodItems,
+    LoglikelihoodOutput,
+    LoglikelihoodPlan,
+    ScoreItems,
+    ScorePlan,
+    plan_loglikelihood,
+    plan_scores,
+    validate_window,
+)
 from neox_ray.engine.sequence import Sequence
 from neox_ray.engine.step import SAMPLING_KNOBS, SampleResult, SamplingRow, SequenceStep, StepInput, StepOutput
 from neox_ray.hub import resolve_model
 from neox_ray.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# Loglikelihood requests: prefill only; the top-1 alternative of each target says whether it is the argmax.
+LOGLIKELIHOOD_PARAMS = SamplingParams(max_tokens=1, prompt_logprobs=1)
 
 ExecutorFactory = Callable[[EngineConfig, ModelConfig, int], Executor]
 
@@ -119,12 +133,16 @@ class LLMEngine:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
                 raise ValueError(f"token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
 
-    def validate_prompt(self, prompt_token_ids: list[int], max_tokens: int) -> None:
-        """Raises ValueError for an empty prompt, an out-of-vocabulary id, or no room for max_tokens."""
+    def validate_prompt(self, prompt_token_ids: list[int], max_tokens: int, prefill_only: bool = False) -> None:
+        """Raises ValueError for an empty prompt, an out-of-vocabulary id, or no room for max_tokens. A
+        prefill-only prompt may hold max_model_len + 1 tokens: its last token is only a logprob target."""
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         self.validate_token_ids(prompt_token_ids)
-        if len(prompt_token_ids) + max_tokens > self.max_model_len:
+        if prefill_only and len(prompt_token_ids) > self.max_model_len + 1:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; a prefill-only prompt (its last token "
+                             f"only scored) may have at most max_model_len + 1 = {self.max_model_len + 1}")
+        if not prefill_only and len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; with max_tokens={max_tokens} it exceeds "
                              f"max_model_len={self.max_model_len}")
         blocks = self.block_manager.blocks_needed(len(prompt_token_ids) + max_tokens)
@@ -149,18 +167,53 @@ class LLMEngine:
         return window, stride
 
     def plan_scores(self, items: ScoreItems, window: int | None = None,
-                    stride: int | None = None) -> ScorePlan:
+                    stride: int | None = None, perplexity: str = "sliding") -> ScorePlan:
         """(text, token ids) -> the window requests that score them; a bad window/stride raises ValueError,
-        a text that cannot be scored becomes a per-item error of the plan."""
+        a text that cannot be scored becomes a per-item error of the plan. ``perplexity="rolling"`` plans
+        lm-eval's rolling windows (``window + 1`` tokens each, the last only a target; stride unused)."""
         window, stride = self.score_window(window, stride)
-        return plan_scores(items, self.eot_token_id, window, stride, lambda ids: self.validate_prompt(ids, 0))
+        rolling = perplexity == "rolling"
+        return plan_scores(items, self.eot_token_id, window, stride,
+                           lambda ids: self.validate_prompt(ids, 0, prefill_only=rolling), perplexity)
+
+    def plan_loglikelihood(self, items: LoglikelihoodItems) -> LoglikelihoodPlan:
+        """(context ids, continuation ids) -> one prefill-only request per pair (lm-eval's truncation to
+        max_model_len); a pair that cannot be scored becomes a per-item error of the plan."""
+        return plan_loglikelihood(items, self.max_model_len,
+                                  lambda ids: self.validate_prompt(ids, 0, prefill_only=True))
+
+    def loglikelihood(self, items: LoglikelihoodItems, keep_token_logprobs: bool = False,
+                      on_finished: Callable[[RequestOutput], None] | None = None) -> list[LoglikelihoodOutput]:
+        """Scores every pair synchronously; raises :class:`ScoreItemError` for the first bad pair first."""
+        return self.run_loglikelihood_plan(self.plan_loglikelihood(items), keep_token_logprobs, on_finished)
+
+    def run_loglikelihood_plan(self, plan: LoglikelihoodPlan, keep_token_logprobs: bool = False,
+                               on_finished: Callable[[RequestOutput], None] | None = None
+                               ) -> list[LoglikelihoodOutput]:
+        """Runs the plan in its two waves (each shared context is computed once, then served from the prefix
+        cache); the pairs' results in item order."""
+        plan.raise_first_error()
+        results: dict[int, LoglikelihoodOutput] = {}
+        for wave in plan.waves():
+            request_ids = {self.add_request(plan.tasks[item].token_ids, LOGLIKELIHOOD_PARAMS, prefill_only=True,
+                                            logprob_start=plan.tasks[item].logprob_start): item for item in wave}
+            try:
+                finals = self.run_until_finished(request_ids, on_finished)
+            except RequestFailedError as exc:
+                raise RequestFailedError(exc.request_id, f"pair {request_ids[exc.request_id]}: {exc}") from None
+            for request_id, item in request_ids.items():
+                results[item] = plan.tasks[item].finish(finals[request_id].prompt_logprobs or [],
+                                                        keep_token_logprobs)
+        return [results[item] for item in range(plan.num_items)]
 
     def score(self, items: ScoreItems, window: int | None = None,
               stride: int | None = None, keep_token_logprobs: bool = False,
-              on_finished: Callable[[RequestOutput], None] | None = None) -> list[ScoreOutput]:
+              on_finished: Callable[[RequestOutput], None] | None = None,
+              perplexity: str = "sliding") -> list[ScoreOutput]:
         """Scores every text synchronously (stepping this engine); raises :class:`ScoreItemError` for the
         first text that cannot be scored, before any compute."""
-        return self.run_score_plan(self.plan_scores(items, window, stride), keep_token_logprobs, on_finished)
+        return self.run_score_plan(self.plan_scores(items, window, stride, perplexity), keep_token_logprobs,
+                                   on_finished)
 
     def run_score_plan(self, plan: ScorePlan, keep_token_logprobs: bool = False,
                        on_finished: Callable[[RequestOutput], None] | None = None) -> list[ScoreOutput]:
@@ -211,7 +264,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt_token_ids = list(prompt_token_ids)
-        self.validate_prompt(prompt_token_ids, 0 if prefill_only else params.max_tokens)
+        self.validate_prompt(prompt_token_ids, 0 if prefill_only else params.max_tokens, prefill_only)
         if params.prompt_logprobs is not None and logprob_start is None:
             logprob_start = 1
         state = _RequestState(request_id, prompt, prompt_token_ids, params, samples=[],

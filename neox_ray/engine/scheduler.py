@@ -5,8 +5,9 @@ prefills (a prompt, or a chunk of one when it does not fit: chunked prefill), so
 running batch as soon as others finish and long prompts never stall decodes. When the KV cache runs out
 of blocks, the most recently admitted running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed later (its generated tokens are kept), so every request
-eventually completes. Pure Python: no torch, no tokenizer; stop *strings* are checked by the engine,
-which calls :meth:`Scheduler.finish`.
+eventually completes. A prefill-only sequence (scoring) never computes its last token: nothing reads
+that token's logits, and its own logprob comes from the position before it. Pure Python: no torch, no
+tokenizer; stop *strings* are checked by the engine, which calls :meth:`Scheduler.finish`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class ScheduledSequence:
     @property
     def completes_prompt(self) -> bool:
         """After this step every token of the sequence has been computed, so its next token can be sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_compute_tokens
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_compute_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_append(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -90,14 +91,13 @@ class Scheduler:
         # Then admit waiting sequences while there is budget, room in the batch and cache blocks.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            use_cache = seq.logprob_start is None  # logprob requests must compute every position
-            if not self.block_manager.can_allocate(seq, use_cache):
+            if not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, use_cache, lookahead_tokens=seq.max_tokens - seq.num_output_tokens)
+            self.block_manager.allocate(seq, lookahead_tokens=seq.max_tokens - seq.num_output_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_compute_tokens - seq.num_computed_tokens, budget)
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         self.stats.steps += bool(scheduled)

@@ -58,6 +58,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def num_compute_tokens(self) -> int:
+        """How many tokens get keys/values computed: all of them, except that a prefill-only sequence skips
+        its last token (nothing reads its logits; its logprob comes from the token before it)."""
+        return max(self.num_tokens - 1, 1) if self.prefill_only else self.num_tokens
+
+    @property
     def max_tokens(self) -> int:
         return 0 if self.prefill_only else self.params.max_tokens
 

@@ -55,13 +55,20 @@ SAMPLING_REQUEST_FIELDS = tuple(name for name in CompletionRequest.model_fields 
 
 
 class ScoreRequest(StrictModel):
-    """``POST /v1/score`` (extension): per-text NLL / perplexity, the fields of ``LLM.score``. Strict like
+    """``POST /v1/score`` (extension): per-text NLL / perplexity (``input``; the fields of ``LLM.score``), or
+    with ``mode="loglikelihood"`` lm-eval's loglikelihood of (context, continuation) pairs: ``pairs``, or
+    the ``context`` and ``continuation`` lists (the fields of ``LLM.loglikelihood``). Strict like
     :class:`CompletionRequest`: ``"8"`` is not a window, unknown fields are rejected."""
 
     model: str
-    input: PromptField
+    mode: Literal["perplexity", "loglikelihood"] = "perplexity"
+    input: PromptField | None = None
+    perplexity: Literal["sliding", "rolling"] = "sliding"
     window: int | None = None
     stride: int | None = None
+    pairs: list[tuple[str, str]] | None = None
+    context: list[str] | None = None
+    continuation: list[str] | None = None
     return_token_logprobs: bool = False
 
 
@@ -141,10 +148,20 @@ class ScoreResult(BaseModel):
     token_logprobs: list[float] | None = None
 
 
+class LoglikelihoodResult(BaseModel):
+    """One pair's loglikelihood: the fields of :class:`neox_ray.engine.scoring.LoglikelihoodOutput`."""
+    index: int
+    object: Literal["loglikelihood"] = "loglikelihood"
+    logprob: float | None
+    is_greedy: bool
+    num_tokens: int
+    token_logprobs: list[float] | None = None
+
+
 class ScoreResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
-    data: list[ScoreResult]
+    data: list[ScoreResult] | list[LoglikelihoodResult]
     usage: Usage
 
 

@@ -48,7 +48,7 @@ from neox_ray.engine.async_engine import (
 from neox_ray.engine.outputs import CompletionOutput, RequestOutput
 from neox_ray.engine.sampling_params import SamplingParams
 from neox_ray.engine.schema import SettingsError, short_repr
-from neox_ray.engine.scoring import ScoreItemError
+from neox_ray.engine.scoring import ScoreItemError, encode_pair
 from neox_ray.serve.auth import APIKeyChecker
 from neox_ray.serve.errors import (
     APIError,
@@ -67,6 +67,7 @@ from neox_ray.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     FinishReason,
+    LoglikelihoodResult,
     ModelCard,
     ModelList,
     PromptField,
@@ -463,6 +464,10 @@ class OpenAIServer:
     # ---- /v1/score -----------------------------------------------------------------------------------
     async def score(self, body: ScoreRequest, arrival: float) -> Response:
         self.check_model(body.model)
+        if body.mode == "loglikelihood":
+            return await self.loglikelihood(body, arrival)
+        if body.input is None:
+            raise bad_request("input is required (the texts to score)", "input")
         try:
             window, stride = self.llm_engine.score_window(body.window, body.stride)
         except ValueError as exc:
@@ -472,10 +477,11 @@ class OpenAIServer:
         prompts = await self.prepare_prompts(items, "input", None, decode_ids=True)
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         score_items = [(p.text or "", p.token_ids) for p in prompts]
-        self.check_score_windows(prompts, window, stride)  # before the engine slices any window
+        # Counted before the engine slices any window (rolling windows are disjoint: one per `window` tokens).
+        self.check_score_windows(prompts, window, window if body.perplexity == "rolling" else stride)
         try:
             scores = await self.engine.score(score_items, window, stride, body.return_token_logprobs,
-                                             self.deadline(arrival))
+                                             self.deadline(arrival), body.perplexity)
         except ScoreItemError as exc:
             where = f"input[{exc.index}]: " if len(prompts) > 1 else ""
             code = "context_length_exceeded" if "max_model_len" in exc.message else None
@@ -507,6 +513,57 @@ class OpenAIServer:
             raise bad_request(f"these texts need {windows} scoring windows, more than this server ever queues "
                               f"(max_queued_requests={limit}); send fewer or shorter texts, or a larger stride",
                               "input")
+
+    async def loglikelihood(self, body: ScoreRequest, arrival: float) -> Response:
+        """``mode="loglikelihood"``: the pairs tokenized as lm-eval does, the shared contexts computed once."""
+        pairs = self.loglikelihood_pairs(body)
+        param = "pairs" if body.pairs is not None else "continuation"
+        self.check_request_size(body, [context + continuation for context, continuation in pairs], param, len(pairs))
+        encoded = await self.on_tokenizer_threads(
+            lambda: [encode_pair(context, continuation, self.tokenizer.encode, self.llm_engine.eot_token_id)
+                     for context, continuation in pairs])
+        prompt_tokens = sum(len(c) + len(x) for c, x in encoded)
+        try:
+            outputs = await self.engine.loglikelihood(encoded, body.return_token_logprobs, self.deadline(arrival))
+        except ScoreItemError as exc:
+            where = f"pairs[{exc.index}]: " if len(pairs) > 1 else ""
+            code = "context_length_exceeded" if "max_model_len" in exc.message else None
+            raise bad_request(f"{where}{exc.message}", "pairs" if body.pairs is not None else "continuation",
+                              code) from None
+        except ENGINE_ERRORS as exc:
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            raise self.engine_error(exc) from None
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        results = [LoglikelihoodResult(
+            index=index, logprob=finite_or_none(out.logprob), is_greedy=out.is_greedy, num_tokens=out.num_tokens,
+            token_logprobs=None if out.token_logprobs is None else [clamp_logprob(v) for v in out.token_logprobs])
+            for index, out in enumerate(outputs)]
+        self.metrics.request_latency.observe(time.monotonic() - arrival)
+        return JSONResponse(dump(ScoreResponse(model=self.settings.served_model_name, data=results,
+                                               usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))))
+
+    @staticmethod
+    def loglikelihood_pairs(body: ScoreRequest) -> list[tuple[str, str]]:
+        for name in ("input", "window", "stride"):
+            if getattr(body, name) is not None:
+                raise bad_request(f"{name} only applies to mode=perplexity; loglikelihood takes pairs, or "
+                                  "context and continuation", name)
+        if body.pairs is not None:
+            if body.context is not None or body.continuation is not None:
+                raise bad_request("give pairs, or context and continuation, not both", "pairs")
+            pairs = list(body.pairs)
+        elif body.context is None or body.continuation is None:
+            raise bad_request("mode=loglikelihood needs pairs, or context and continuation (lists of strings)",
+                              "pairs" if body.context is None and body.continuation is None else
+                              "continuation" if body.continuation is None else "context")
+        elif len(body.context) != len(body.continuation):
+            raise bad_request(f"context has {len(body.context)} entries and continuation {len(body.continuation)}; "
+                              "they must pair up", "continuation")
+        else:
+            pairs = list(zip(body.context, body.continuation, strict=True))
+        if not pairs:
+            raise bad_request("no pairs to score", "pairs")
+        return pairs
 
     # ---- the rest ------------------------------------------------------------------------------------
     def models(self) -> ModelList:
