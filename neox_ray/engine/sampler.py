@@ -18,7 +18,8 @@ a row whose ``top_k`` fits in them, or whose top-p mass is reached inside them, 
 usual case for a trained model). A flatter row finds its cut with a histogram of its probabilities over
 their float bit patterns (one ``scatter_add``) and sorts only the tokens of the bucket where the mass
 crosses ``top_p``. Only a ``top_k`` above the prefilter takes a ``topk`` of that size. Which of these a
-row takes depends on its own logits and parameters alone.
+row takes depends on its own logits and parameters alone. The draw itself is a two-level search (block
+sums, then one block), so no float64 copy of the vocabulary is made.
 
 Returned logprobs are those of the model's raw distribution (log-softmax of the logits before
 penalties, temperature and filters), as vLLM returns by default.
@@ -167,12 +168,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Tokens for non-greedy rows: (rows,) long."""
         probs = filtered_probs(logits, rows)
-        cumulative = probs.double().cumsum(dim=-1)  # (rows, vocab), in vocabulary order
-        targets = self._row_uniforms(rows, logits.device) * cumulative[:, -1:]
-        tokens = torch.searchsorted(cumulative, targets, right=True).squeeze(1)
-        if bool((tokens >= logits.shape[1]).any()):  # u * mass rounded up to the mass: take the last kept token
-            tokens = torch.minimum(tokens, (probs > 0).int().cumsum(dim=-1).argmax(dim=-1))
-        return tokens
+        return _inverse_cdf(probs, self._row_uniforms(rows, logits.device))
 
 
 def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -183,53 +179,81 @@ def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     probs = (logits / temperatures).softmax(dim=-1)
     filtered = [i for i, r in enumerate(rows) if 0 < r.top_k < vocab or r.top_p < 1.0]
     if len(filtered) == len(rows):
-        probs = probs.masked_fill_(~_kept_tokens(probs, rows), 0.0)
+        probs = probs.masked_fill_(_dropped_tokens(probs, rows), 0.0)
     elif filtered:
         index = torch.tensor(filtered, device=device)
-        keep = _kept_tokens(probs[index], [rows[i] for i in filtered])
-        probs[index] = probs[index].masked_fill(~keep, 0.0)
+        probs[index] = probs[index].masked_fill_(_dropped_tokens(probs[index], [rows[i] for i in filtered]), 0.0)
     if any(r.min_p > 0 for r in rows):  # relative to the likeliest token, so renormalizing changes nothing
         min_p = torch.tensor([r.min_p for r in rows], device=device).unsqueeze(1)
         probs = probs.masked_fill_(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs
 
 
-def _kept_tokens(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """(rows, vocab) bool: the tokens top-k and top-p keep, for rows that have either filter."""
+def _dropped_tokens(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """(rows, vocab) bool: the tokens top-k and top-p drop, for rows that have either filter.
+
+    Three ways, chosen per row from its own parameters and probabilities: a ``top_k`` up to
+    ``TOP_P_PREFILTER``, or a top-p that the likeliest ``TOP_P_PREFILTER`` tokens can reach, sorts just those
+    (``topk``); a top-p they cannot reach (or do not reach after all) takes the histogram; a larger
+    ``top_k`` takes a ``topk`` of its size."""
     device, vocab = probs.device, probs.shape[1]
     top_k = torch.tensor([min(r.top_k, vocab) if r.top_k > 0 else vocab for r in rows], device=device).unsqueeze(1)
     top_p = torch.tensor([r.top_p for r in rows], device=device).unsqueeze(1)
     width = min(vocab, TOP_P_PREFILTER)
-    sorted_probs, ids = probs.topk(width, dim=-1)
-    keep_sorted, next_dropped = _kept_by_top_k_top_p(sorted_probs, top_k, top_p, vocab)
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, ids, keep_sorted)
     top_k_fits = (top_k <= width).squeeze(1)
-    flat = ~top_k_fits & ~next_dropped & (top_k >= vocab).squeeze(1)  # top-p only, not reached in the prefilter
-    if bool(flat.any()):
-        index = flat.nonzero().squeeze(1)
-        keep[index] = _kept_by_top_p_histogram(probs[index], top_p[index])
-    wide_top_k = ~top_k_fits & (top_k < vocab).squeeze(1)
+    top_p_only = (top_k >= vocab).squeeze(1)
+    # width * p_max < top_p: the likeliest width tokens cannot hold top_p, go straight to the histogram.
+    prefilter = top_k_fits | (top_p_only & (probs.amax(dim=-1) * width >= top_p.squeeze(1)))
+    histogram = top_p_only & ~prefilter
+    if bool(histogram.all()):
+        return probs < _top_p_threshold(probs, top_p)
+    if bool(prefilter.all()):
+        dropped, unresolved = _dropped_by_prefilter(probs, top_k, top_p, width)
+        if not bool(unresolved.any()):
+            return dropped
+        histogram = unresolved
+    else:
+        dropped = torch.ones_like(probs, dtype=torch.bool)
+        if bool(prefilter.any()):
+            index = prefilter.nonzero().squeeze(1)
+            dropped[index], unresolved = _dropped_by_prefilter(probs[index], top_k[index], top_p[index], width)
+            histogram[index] |= unresolved
+    if bool(histogram.any()):
+        index = histogram.nonzero().squeeze(1)
+        dropped[index] = probs[index] < _top_p_threshold(probs[index], top_p[index])
+    wide_top_k = ~top_k_fits & ~top_p_only
     if bool(wide_top_k.any()):
         index = wide_top_k.nonzero().squeeze(1)
         sorted_probs, ids = probs[index].topk(int(top_k[index].max()), dim=-1)
-        keep_sorted, _ = _kept_by_top_k_top_p(sorted_probs, top_k[index], top_p[index], vocab)
-        keep[index] = torch.zeros_like(probs[index], dtype=torch.bool).scatter_(1, ids, keep_sorted)
-    return keep
+        keep_sorted, _ = _kept_by_top_k_top_p(sorted_probs, top_k[index], top_p[index], probs.shape[1])
+        dropped[index] = torch.ones_like(probs[index], dtype=torch.bool).scatter_(1, ids, ~keep_sorted)
+    return dropped
+
+
+def _dropped_by_prefilter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                          width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k / top-p among each row's likeliest ``width`` tokens: the (rows, vocab) dropped mask, and
+    which rows (top-p only) did not reach top_p inside them ((rows,) bool)."""
+    sorted_probs, ids = probs.topk(width, dim=-1)
+    keep_sorted, next_dropped = _kept_by_top_k_top_p(sorted_probs, top_k, top_p, probs.shape[1])
+    dropped = torch.ones_like(probs, dtype=torch.bool).scatter_(1, ids, ~keep_sorted)
+    return dropped, (top_k > width).squeeze(1) & ~next_dropped
 
 
 _BUCKET_SHIFT = 16  # buckets of float32 bit patterns: sign, exponent and 7 mantissa bits (128 per octave)
 
 
-def _kept_by_top_p_histogram(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Top-p without sorting the vocabulary: (rows, vocab) probabilities, (rows, 1) top_p < 1; returns
-    the (rows, vocab) keep mask. Non-negative float32 values order like their int32 bit patterns, so
-    buckets of high bits are ranges of probability; the mass per bucket says in which bucket the
-    cumulative mass (from the likeliest token down) crosses top_p; every token above that bucket is
-    kept, every one below dropped, and only the tokens of the crossing bucket are sorted."""
+    the (rows, 1) smallest probability kept. Non-negative float32 values order like their int32 bit
+    patterns, so buckets of high bits are ranges of probability; the mass per bucket says in which
+    bucket the cumulative mass (from the likeliest token down) crosses top_p; every token above that
+    bucket is kept, every one below dropped, and only the tokens of the crossing bucket are sorted."""
     num_buckets = 1 << (31 - _BUCKET_SHIFT)
-    mass = torch.zeros(probs.shape[0], num_buckets, dtype=torch.float64, device=probs.device)
-    mass.scatter_add_(1, (probs.view(torch.int32) >> _BUCKET_SHIFT).long(), probs.double())
-    up_to = mass.cumsum(dim=-1)  # mass of each bucket and those below it
+    # float32 bucket sums: rounding moves the cut by ~1e-10 of mass, far below any token that matters.
+    mass = torch.zeros(probs.shape[0], num_buckets, device=probs.device)
+    mass.scatter_add_(1, (probs.view(torch.int32) >> _BUCKET_SHIFT).long(), probs)
+    up_to = mass.double().cumsum(dim=-1)  # mass of each bucket and those below it
     total = up_to[:, -1:]
     # The crossing bucket is the lowest one with less than top_p above it (none when rounding left the total
     # below top_p: then the lowest bucket, which keeps everything).
@@ -238,16 +262,41 @@ def _kept_by_top_p_histogram(probs: torch.Tensor, top_p: torch.Tensor) -> torch.
     above = total - up_to.gather(1, crossing)  # mass of the buckets strictly above the crossing one
     lower = (crossing.int() << _BUCKET_SHIFT).view(torch.float32)  # the crossing bucket's smallest value
     upper = ((crossing.int() + 1) << _BUCKET_SHIFT).view(torch.float32)  # and the next bucket's
-    below_upper = probs < upper
-    width = max(1, int(((probs >= lower) & below_upper).sum(dim=-1).max()))
-    candidates = probs.masked_fill(~below_upper, -1.0).topk(width, dim=-1).values  # crossing bucket first
+    candidates = probs.masked_fill(probs >= upper, -1.0)
+    width = max(1, int((candidates >= lower).sum(dim=-1).max()))
+    candidates = candidates.topk(width, dim=-1).values  # the crossing bucket's tokens, sorted, first
     in_crossing = candidates >= lower
     candidates = candidates.double()
     before = above + candidates.masked_fill(~in_crossing, 0.0).cumsum(dim=-1) - candidates
     kept_in_crossing = in_crossing & (before < top_p)
     kept_in_crossing[:, 0] = True  # the crossing bucket's top token: the mass above it is below top_p
     threshold = candidates.masked_fill(~kept_in_crossing, float("inf")).min(dim=-1, keepdim=True).values
-    return probs >= threshold.float()  # every token above the crossing bucket is above the threshold
+    return threshold.float()  # every token above the crossing bucket is above it too
+
+
+_BLOCK = 128  # tokens per block of the two-level inverse CDF
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token where the cumulative probability (vocabulary order) first exceeds ``u`` times the row's
+    mass: (rows, vocab) probabilities (0 = dropped), (rows, 1) float64 uniforms -> (rows,) long.
+
+    Two levels, so that only one block of each row is summed in float64: float32 block sums (rounding
+    moves boundaries by ~1e-10 of mass), their float64 cumulative sum, then the chosen block's tokens."""
+    rows, vocab = probs.shape
+    if vocab % _BLOCK:
+        probs = torch.nn.functional.pad(probs, (0, _BLOCK - vocab % _BLOCK))
+    blocks = probs.view(rows, -1, _BLOCK)  # (rows, blocks, block)
+    block_cumulative = blocks.sum(dim=-1).double().cumsum(dim=-1)  # (rows, blocks)
+    targets = uniforms * block_cumulative[:, -1:]
+    block = torch.searchsorted(block_cumulative, targets, right=True).clamp(max=blocks.shape[1] - 1)  # (rows, 1)
+    before = torch.where(block > 0, block_cumulative.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inside = blocks.gather(1, block.unsqueeze(2).expand(rows, 1, _BLOCK)).squeeze(1)  # (rows, block)
+    position = torch.searchsorted(before + inside.double().cumsum(dim=-1), targets, right=True)
+    # Rounding can leave the target past the block's last token: take its last kept one instead.
+    last_kept = (inside > 0).int().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    position = torch.minimum(position, last_kept)
+    return (block * _BLOCK + position).squeeze(1)
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
