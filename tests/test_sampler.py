@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neox_ray.engine.sampler import TOP_P_PREFILTER, Sampler, filtered_probs, row_uniform
+from neox_ray.engine.sampler import TOP_P_PREFILTER, Sampler, _inverse_cdf, filtered_probs, row_uniform
 from neox_ray.engine.step import SamplingRow
 
 
@@ -128,6 +128,17 @@ def test_every_seed_works_and_the_uniform_stays_inside_zero_one() -> None:
         for position in (0, 1, 10**6):
             assert 0.0 < row_uniform(seed, position) < 1.0
     assert row_uniform(5, 0) != row_uniform(5, 1) != row_uniform(6, 1)
+
+
+def test_the_draw_never_lands_on_a_dropped_token_at_the_ends_of_zero_one() -> None:
+    probs = torch.zeros(3, 300)
+    probs[:, 5] = 0.25
+    probs[:, 130] = 0.5
+    probs[:, 200] = 0.25  # tokens after 200 (and the padding to 384) are dropped
+    uniforms = torch.tensor([[2.0 ** -54], [0.8], [1.0 - 2.0 ** -53]], dtype=torch.float64)
+    assert _inverse_cdf(probs, uniforms).tolist() == [5, 200, 200]
+    assert _inverse_cdf(probs, torch.ones(3, 1, dtype=torch.float64)).tolist() == [200] * 3  # rounded up to 1
+    assert _inverse_cdf(probs, torch.full((3, 1), 0.4, dtype=torch.float64)).tolist() == [130] * 3
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:

@@ -287,13 +287,16 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     if vocab % _BLOCK:
         probs = torch.nn.functional.pad(probs, (0, _BLOCK - vocab % _BLOCK))
     blocks = probs.view(rows, -1, _BLOCK)  # (rows, blocks, block)
-    block_cumulative = blocks.sum(dim=-1).double().cumsum(dim=-1)  # (rows, blocks)
+    block_mass = blocks.sum(dim=-1)  # (rows, blocks)
+    block_cumulative = block_mass.double().cumsum(dim=-1)
     targets = uniforms * block_cumulative[:, -1:]
-    block = torch.searchsorted(block_cumulative, targets, right=True).clamp(max=blocks.shape[1] - 1)  # (rows, 1)
+    block = torch.searchsorted(block_cumulative, targets, right=True)  # (rows, 1)
+    # Rounding can leave a target at the very end: take the last block with any mass then (and below, the
+    # last kept token of a block the target is past).
+    block = torch.minimum(block, (block_mass > 0).int().cumsum(dim=-1).argmax(dim=-1, keepdim=True))
     before = torch.where(block > 0, block_cumulative.gather(1, (block - 1).clamp(min=0)), 0.0)
     inside = blocks.gather(1, block.unsqueeze(2).expand(rows, 1, _BLOCK)).squeeze(1)  # (rows, block)
     position = torch.searchsorted(before + inside.double().cumsum(dim=-1), targets, right=True)
-    # Rounding can leave the target past the block's last token: take its last kept one instead.
     last_kept = (inside > 0).int().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
     position = torch.minimum(position, last_kept)
     return (block * _BLOCK + position).squeeze(1)
