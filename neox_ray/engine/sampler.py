@@ -241,6 +241,7 @@ def _dropped_by_prefilter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch
 
 
 _BUCKET_SHIFT = 16  # buckets of float32 bit patterns: sign, exponent and 7 mantissa bits (128 per octave)
+_FLOAT32_ONE_BITS = 0x3F800000
 
 
 def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     patterns, so buckets of high bits are ranges of probability; the mass per bucket says in which
     bucket the cumulative mass (from the likeliest token down) crosses top_p; every token above that
     bucket is kept, every one below dropped, and only the tokens of the crossing bucket are sorted."""
-    num_buckets = 1 << (31 - _BUCKET_SHIFT)
+    num_buckets = (_FLOAT32_ONE_BITS >> _BUCKET_SHIFT) + 1  # probabilities are at most 1.0
     # float32 bucket sums: rounding moves the cut by ~1e-10 of mass, far below any token that matters.
     mass = torch.zeros(probs.shape[0], num_buckets, device=probs.device)
     mass.scatter_add_(1, (probs.view(torch.int32) >> _BUCKET_SHIFT).long(), probs)
@@ -263,7 +264,7 @@ def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     lower = (crossing.int() << _BUCKET_SHIFT).view(torch.float32)  # the crossing bucket's smallest value
     upper = ((crossing.int() + 1) << _BUCKET_SHIFT).view(torch.float32)  # and the next bucket's
     candidates = probs.masked_fill(probs >= upper, -1.0)
-    width = max(1, int((candidates >= lower).sum(dim=-1).max()))
+    width = max(1, int(torch.count_nonzero(candidates >= lower, dim=-1).max()))
     candidates = candidates.topk(width, dim=-1).values  # the crossing bucket's tokens, sorted, first
     in_crossing = candidates >= lower
     candidates = candidates.double()
