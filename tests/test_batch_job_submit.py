@@ -1,4 +1,5 @@
-"""``ray job submit`` of jobs/generate.py to a ``ray start --head`` cluster on 127.0.0.1, token auth on.
+"""``ray job submit`` of jobs/generate.py, with an autoscaling engine pool (min 1, max 2), to a
+``ray start --head`` cluster on 127.0.0.1, token auth on.
 
 The cluster is separate from the test session's Ray: its own ports and temp dir, started with ``--block``
 so terminating that one process stops exactly the cluster this test started. Token auth is enabled the way
@@ -73,11 +74,12 @@ def test_ray_job_submit_runs_generate_job(tiny_checkpoint: Path, tmp_path: Path)
             [str(ray_cli), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
              sys.executable, "jobs/generate.py", "--config", "configs/generate-cpu-demo.yaml",
              "--model", str(tiny_checkpoint), "--input", str(tmp_path / "in.parquet"),
-             "--output", str(tmp_path / "out"), "--max-tokens", "4", "--num-replicas", "1",
-             "--max-model-len", "256"],
+             "--output", str(tmp_path / "out"), "--max-tokens", "4", "--min-replicas", "1", "--max-replicas", "2",
+             "--max-model-len", "256", "--progress-interval", "1"],
             env=env, capture_output=True, text=True, timeout=300)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "generate job complete: 24 rows" in submit.stdout + submit.stderr
+        assert "| engines " in submit.stdout + submit.stderr  # the autoscaling pool's size in the progress line
         ids = read_output(str(tmp_path / "out"), columns=["id"]).column("id").to_pylist()
         assert sorted(ids) == sorted(f"in.parquet:{i}" for i in range(24))
         assert (tmp_path / "out" / "_SUCCESS").exists()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -66,7 +66,8 @@ class ScoreRequest(StrictModel):
     perplexity: Literal["sliding", "rolling"] = "sliding"
     window: int | None = None
     stride: int | None = None
-    pairs: list[tuple[str, str]] | None = None
+    # [context, continuation] per pair (a JSON array: strict mode takes no tuple from JSON).
+    pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = None
     context: list[str] | None = None
     continuation: list[str] | None = None
     return_token_logprobs: bool = False

@@ -551,7 +551,7 @@ class OpenAIServer:
         if body.pairs is not None:
             if body.context is not None or body.continuation is not None:
                 raise bad_request("give pairs, or context and continuation, not both", "pairs")
-            pairs = list(body.pairs)
+            pairs = [(context, continuation) for context, continuation in body.pairs]
         elif body.context is None or body.continuation is None:
             raise bad_request("mode=loglikelihood needs pairs, or context and continuation (lists of strings)",
                               "pairs" if body.context is None and body.continuation is None else
