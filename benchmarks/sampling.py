@@ -64,7 +64,7 @@ def timed_calls(llm: Any) -> Iterator[dict[str, float]]:
     wrap(runner, "execute", "execute")
     wrap(engine.scheduler, "schedule", "scheduler")
     wrap(engine.scheduler, "update", "scheduler")
-    wrap(engine, "_build_step", "build step")
+    wrap(engine, "_sequence_step", "build step")
     wrap(engine, "_on_new_token", "outputs")
     wrap(engine, "_make_output", "outputs")
     try:
