@@ -12,7 +12,6 @@ The tokenizer routes follow vLLM (what lm-eval's ``tokenizer_backend=remote`` re
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -46,7 +45,7 @@ from neox_ray.serve.chat_protocol import (
 from neox_ray.serve.errors import bad_request
 from neox_ray.serve.metrics import TokenLatencyObserver
 from neox_ray.serve.protocol import Usage, clamp_logprob, dump, now_s
-from neox_ray.serve.server import ENGINE_ERRORS, SAMPLING_FIELDS, EventStreamResponse, OpenAIServer
+from neox_ray.serve.server import ENGINE_ERRORS, SAMPLING_FIELDS, EventStreamResponse, OpenAIServer, sse_event
 
 # Chat's logprobs/max_tokens differ in meaning from the engine's; everything else is copied by name.
 _CHAT_SAMPLING_FIELDS = (SAMPLING_FIELDS & set(ChatCompletionRequest.model_fields)) - {"logprobs", "max_tokens"}
@@ -127,8 +126,7 @@ class ChatRoutes:
                 raise server.engine_error(exc) from None
             observer.observe(*first)
 
-            def event(payload: dict[str, Any]) -> str:
-                return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+            event = sse_event
 
             def chunk(choices: list[ChatChunkChoice]) -> str:
                 return event(dump(ChatCompletionChunk(id=chat_id, created=created, model=model, choices=choices)))

@@ -428,8 +428,7 @@ class OpenAIServer:
             first = [(slot, _echo_only_output(p)) for slot, p in enumerate(prompts)]
         model = self.settings.served_model_name
 
-        def event(payload: dict[str, Any]) -> str:
-            return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+        event = sse_event
 
         def chunk(choices: list[CompletionChoice]) -> str:
             return event(dump(CompletionResponse(id=completion_id, created=created, model=model, choices=choices)))
@@ -597,6 +596,11 @@ class EventStreamResponse(StreamingResponse):
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON payload (compact, as OpenAI's streams send it)."""
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def score_window_count(num_text_tokens: int, window: int, stride: int) -> int:
