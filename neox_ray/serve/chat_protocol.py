@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from neox_ray.engine.sampling_params import MAX_LOGPROBS, MAX_TOKENS_LIMIT, SamplingFields
 from neox_ray.engine.schema import StrictModel
-from neox_ray.serve.protocol import StreamOptions, Usage
+from neox_ray.serve.protocol import FinishReason, StreamOptions, Usage
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -91,7 +91,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -112,7 +112,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -44,7 +44,7 @@ from neox_ray.serve.chat_protocol import (
 )
 from neox_ray.serve.errors import bad_request
 from neox_ray.serve.metrics import TokenLatencyObserver
-from neox_ray.serve.protocol import Usage, clamp_logprob, dump, now_s
+from neox_ray.serve.protocol import FinishReason, Usage, clamp_logprob, dump, now_s
 from neox_ray.serve.server import ENGINE_ERRORS, SAMPLING_FIELDS, EventStreamResponse, OpenAIServer, sse_event
 
 # Chat's logprobs/max_tokens differ in meaning from the engine's; everything else is copied by name.
@@ -311,6 +311,6 @@ def _message_text(messages: list[Any]) -> str:
     return "".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
-def _finish(sample: CompletionOutput) -> Any:
-    """The sample's finish reason, typed loosely for the response models' Literal."""
-    return sample.finish_reason
+def _finish(sample: CompletionOutput) -> FinishReason | None:
+    """The sample's finish reason as the response models type it (the engine sets only these three)."""
+    return cast(FinishReason | None, sample.finish_reason)
