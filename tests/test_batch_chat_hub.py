@@ -118,3 +118,14 @@ def test_generate_from_a_hub_id_offline(tiny_checkpoint: Path, tmp_path: Path) -
     expected = {p: o.outputs[0].text for p, o in
                 zip(PROMPTS, reference.generate(PROMPTS, SamplingParams(max_tokens=5, temperature=0)), strict=True)}
     assert {row["prompt"]: row["generated_text"] for row in out} == expected
+
+
+@pytest.mark.parametrize("column", [pa.array(["a plain string"]), pa.array([[1, 2]], pa.list_(pa.int64())),
+                                    pa.array([[{"role": "user"}]], pa.list_(pa.struct([("role", pa.string())])))])
+def test_messages_column_of_the_wrong_type_stops_before_ray(tmp_path: Path, column: pa.Array) -> None:
+    """A messages column that is not a list of {role, content} structs is one clear error naming it."""
+    from neox_ray.batch.source import InputError, plan_input
+
+    pq.write_table(pa.table({"messages": column}), tmp_path / "in.parquet")
+    with pytest.raises(InputError, match="input column .messages. in .* has Arrow type .*; chat messages must be"):
+        plan_input(str(tmp_path / "in.parquet"), "prompt", "id", (), "messages")
