@@ -1,13 +1,26 @@
-"""The vectorised sampler against the per-row sort-based code it replaced (kept here as the oracle), its
-sampling statistics, and the reproducibility of seeded rows. No model: logits are made up."""
+"""The vectorised sampler (C kernel and torch path) against the per-row sort-based code it replaced (kept
+here as the oracle), its sampling statistics, and the reproducibility of seeded rows. No model: logits are
+made up."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from neox_ray.engine import sampler as sampler_module
 from neox_ray.engine.sampler import TOP_P_PREFILTER, Sampler, _inverse_cdf, filtered_probs, row_uniform
 from neox_ray.engine.step import SamplingRow
+from neox_ray.kernels import cpu_sampling
+
+
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
+def sampling_path(request, monkeypatch) -> str:
+    """Every Sampler test runs on the C kernel (when it built) and on the torch path it falls back to."""
+    if request.param == "kernel" and not cpu_sampling.available():
+        pytest.skip("the CPU sampling kernel did not build here")
+    if request.param == "torch":
+        monkeypatch.setattr(sampler_module, "_use_kernel", lambda logits: False)
+    return str(request.param)
 
 
 # ---- the previous implementation, the oracle ---------------------------------------------------------------

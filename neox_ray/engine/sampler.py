@@ -21,6 +21,10 @@ crosses ``top_p``. Only a ``top_k`` above the prefilter takes a ``topk`` of that
 row takes depends on its own logits and parameters alone. The draw itself is a two-level search (block
 sums, then one block), so no float64 copy of the vocabulary is made.
 
+On the CPU, float32 rows are filtered and drawn by the C kernel of :mod:`neox_ray.kernels.cpu_sampling`
+instead (same uniforms, same filters as thresholds, a few passes per row instead of a dozen torch ops);
+the torch code below is its fallback and the path on other devices.
+
 Returned logprobs are those of the model's raw distribution (log-softmax of the logits before
 penalties, temperature and filters), as vLLM returns by default.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from neox_ray.engine.step import SampleResult, SamplingRow
+from neox_ray.kernels import cpu_sampling
 
 GREEDY_TEMPERATURE = 1e-5
 TOP_P_PREFILTER = 256  # likeliest tokens taken with topk before top-p falls back to the histogram
@@ -99,7 +104,7 @@ class Sampler:
         if len(sampled) == len(rows):
             tokens = self._sample(logits, rows)
         else:
-            tokens = logits.argmax(dim=-1)
+            tokens = cpu_sampling.argmax(logits) if _use_kernel(logits) else logits.argmax(dim=-1)
             if sampled:
                 index = torch.tensor(sampled, device=logits.device)
                 tokens[index] = self._sample(logits[index], [rows[i] for i in sampled])
@@ -167,8 +172,20 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Tokens for non-greedy rows: (rows,) long."""
-        probs = filtered_probs(logits, rows)
-        return _inverse_cdf(probs, self._row_uniforms(rows, logits.device))
+        uniforms = self._row_uniforms(rows, logits.device)
+        if _use_kernel(logits):
+            vocab = logits.shape[1]
+            return cpu_sampling.sample(logits, torch.tensor([r.temperature for r in rows]),
+                                       torch.tensor([r.top_k if 0 < r.top_k < vocab else 0 for r in rows]),
+                                       torch.tensor([r.top_p for r in rows]), torch.tensor([r.min_p for r in rows]),
+                                       uniforms.squeeze(1))
+        return _inverse_cdf(filtered_probs(logits, rows), uniforms)
+
+
+def _use_kernel(logits: torch.Tensor) -> bool:
+    """float32 logits on the CPU are sampled (and argmaxed) by the C kernel when it built: the same tokens,
+    fewer passes."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_sampling.available()
 
 
 def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -5,13 +5,9 @@ alternatives are one SDPA call per sequence (dispatch overhead x sequences x lay
 head stride) or gathering every context into a padded batch first (moving the whole cache twice). The
 kernel does every sequence and head of a layer in one call, reading each cached row once, in place.
 
-The C file is compiled at first use with the system's C compiler (``cc``/``gcc``; ``-O3 -march=native
--fopenmp``) into ``$NEOX_RAY_KERNEL_CACHE`` (default ``~/.cache/neox-ray/kernels``), keyed by the source,
-the flags and the CPU's feature flags, written atomically so concurrent processes (Ray actors) share
-one build. It links the OpenMP runtime torch already loaded, so it runs on torch's threads. When no
-compiler is found or the build fails, :func:`available` is False and attention falls back to SDPA
-(same results, slower); ``NEOX_RAY_CPU_KERNELS=0`` (or false/no/off) forces that fallback, and so
-does a cache directory that cannot be written (with a warning).
+The C file is compiled at first use by :mod:`neox_ray.kernels.build`. When that is not possible (no
+compiler, a failed build, an unwritable cache, ``NEOX_RAY_CPU_KERNELS=0``), :func:`available` is False and
+attention falls back to SDPA (same results, slower).
 
 This module knows nothing of the model: :mod:`neox_ray.layers.attention` decides when to call it.
 """
@@ -20,81 +16,26 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from neox_ray.kernels.build import find_compiler, load_library
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=c11")
 _FUNCTIONS = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, _INT64, _INT64, _INT64, _INT64, ctypes.c_float,
              _PTR, _INT64, _INT64, ctypes.c_int]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("NEOX_RAY_KERNEL_CACHE") or Path.home() / ".cache" / "neox-ray" / "kernels"
-    return Path(root)
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native code must not run on a different CPU (a shared home directory on a mixed cluster)."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler,) + CFLAGS).encode() + _cpu_fingerprint().encode())
-    target = _cache_dir() / f"cpu_paged_attention-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: a concurrent builder either sees nothing or the whole file
-    return target
+_compiler = find_compiler  # kept under this name for tests that ask whether a build is attempted
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("NEOX_RAY_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        logger.info("no C compiler found: CPU decode attention uses torch SDPA per sequence (slower)")
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU attention kernel unavailable, using torch SDPA per sequence (slower): %s", error)
+    library = load_library(SOURCE, "CPU attention kernel", "torch SDPA per sequence (slower)")
+    if library is None:
         return None
     for name in _FUNCTIONS.values():
         function = getattr(library, name)

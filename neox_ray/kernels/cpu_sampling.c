@@ -1,0 +1,299 @@
+/* Sampling on CPU: temperature, top-k, top-p, min-p and the draw for every row of a step in one call.
+ *
+ * Per row, over the vocabulary: the maximum logit (one vectorised pass); e_i = exp((x_i - max) / T) and
+ * their sum (one vectorised pass, a polynomial exp that needs no libm vector library); then the
+ * filters as thresholds on e (every filter keeps an upper set of the distribution, so the kept tokens
+ * are those with e >= the largest threshold): top-k's threshold is the k-th largest e, top-p's the
+ * smallest e of the likeliest tokens whose mass reaches top_p of the top-k mass, min-p's is min_p itself
+ * (the likeliest token's e is exactly 1). Both selections are radix descents over the float bit patterns
+ * (non-negative floats order like their bits): a histogram of counts and mass over bits 20-29 finds
+ * the bucket where the k-th token or the top_p mass is crossed, then bits 10-19 of that bucket's tokens,
+ * then bits 0-9, so the threshold is exact without sorting. Ties with the last kept token are kept.
+ * Finally the draw: the token where the cumulative kept mass, in vocabulary order, first exceeds u times
+ * the kept mass (u is the row's uniform in (0, 1)), with block sums in float and their running total
+ * in double, then one block token by token.
+ *
+ * Rows are spread over the OpenMP threads torch runs. Built at first use by
+ * neox_ray/kernels/cpu_sampling.py, which owns the argument checks and the choice of u (seeded rows
+ * hash theirs); penalties and bans are applied to the logits before, by the torch sampler.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 64
+
+static inline uint32_t float_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline float bits_float(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* exp(x) for x <= 0, within 2 ulp; below -87.3 (past float's normal range) 0. exp(0) is exactly 1. */
+static inline float exp_nonpositive(float x) {
+    const float clamped = x > -87.33654f ? x : -87.33654f; /* NaN becomes the clamp too */
+    const float n = __builtin_rintf(clamped * 1.44269504088896341f);
+    float r = clamped - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t exponent = (int32_t)n + 127;
+    const float scale = bits_float((uint32_t)(exponent > 0 ? exponent : 0) << 23);
+    return x > -87.33654f ? p * scale : 0.0f;
+}
+
+/* What a radix descent looks for, walking buckets from the largest values down. */
+enum { BY_COUNT = 0, BY_MASS = 1 };
+
+#define BUCKETS 1024  /* 10 bits per level: e in [0, 1] has bits <= 0x3F800000, so bits >> 20 < 1024 */
+#define LANES 4       /* level 0 keeps 4 histograms, so runs of tokens in one bucket do not wait on each other */
+
+/* The mass of the tokens with e >= threshold, in double (float partial sums of 64 tokens). */
+static double mass_at_least(const float* e, int64_t vocab, float threshold) {
+    double total = 0.0;
+    for (int64_t start = 0; start < vocab; start += 64) {
+        const int64_t end = start + 64 < vocab ? start + 64 : vocab;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = start; i < end; ++i) sum += e[i] >= threshold ? e[i] : 0.0f;
+        total += sum;
+    }
+    return total;
+}
+
+/* From the top bucket down, the first where the tokens above plus the bucket reach `goal`; -1 if none.
+ * Adds the buckets passed over to *count_above / *mass_above. */
+static int crossing_bucket(const double* mass, const int32_t* count, int mode, double goal,
+                           int64_t* count_above, double* mass_above) {
+    for (int b = BUCKETS - 1; b >= 0; --b) {
+        if (!count[b] && !(mass[b] > 0.0)) continue;
+        const double reached = mode == BY_COUNT ? (double)(*count_above + count[b]) : *mass_above + mass[b];
+        if (reached >= goal) return b;
+        *mass_above += mass[b];
+        *count_above += count[b];
+    }
+    return -1;
+}
+
+/* The largest value v among e[i] >= floor such that the tokens >= v hold at least `goal` (a count or a
+ * mass), and in *kept_mass the mass of the tokens >= v. Returns `floor` (and the mass above it) when all
+ * of them together fall short of the goal (rounding at top_p close to 1): everything above floor stays.
+ * Level 0 histograms bits 20-29 of every token; the crossing bucket's tokens are gathered into
+ * `candidates` (scratch of vocab entries), and levels 1 and 2 histogram bits 10-19, then 0-9, of those. */
+static float radix_select(const float* e, int64_t vocab, float floor, int mode, double goal,
+                          float* candidates, double* kept_mass) {
+    double lane_mass[LANES][BUCKETS], mass[BUCKETS];
+    int32_t lane_count[LANES][BUCKETS], count[BUCKETS];
+    const uint32_t floor_bits = float_bits(floor);
+    double mass_above = 0.0;
+    int64_t count_above = 0;
+    memset(lane_mass, 0, sizeof lane_mass);
+    memset(lane_count, 0, sizeof lane_count);
+    /* One loop per mode: a count search needs no mass here (the kept mass is summed at the end) and a
+     * mass search no counts, and each memory update dropped is a good share of this, the costliest loop. */
+    int64_t i = 0;
+    if (mode == BY_COUNT) {
+        for (; i + LANES <= vocab; i += LANES) {
+            for (int lane = 0; lane < LANES; ++lane) {
+                const uint32_t bits = float_bits(e[i + lane]);
+                if (bits >= floor_bits) lane_count[lane][bits >> 20] += 1;
+            }
+        }
+    } else {
+        for (; i + LANES <= vocab; i += LANES) {
+            for (int lane = 0; lane < LANES; ++lane) {
+                const uint32_t bits = float_bits(e[i + lane]);
+                if (bits >= floor_bits) lane_mass[lane][bits >> 20] += e[i + lane];
+            }
+        }
+    }
+    for (; i < vocab; ++i) {
+        const uint32_t bits = float_bits(e[i]);
+        if (bits < floor_bits) continue;
+        lane_mass[0][bits >> 20] += e[i];
+        lane_count[0][bits >> 20] += 1;
+    }
+    for (int b = 0; b < BUCKETS; ++b) {
+        mass[b] = (lane_mass[0][b] + lane_mass[1][b]) + (lane_mass[2][b] + lane_mass[3][b]);
+        count[b] = lane_count[0][b] + lane_count[1][b] + lane_count[2][b] + lane_count[3][b];
+    }
+    int crossing = crossing_bucket(mass, count, mode, goal, &count_above, &mass_above);
+    if (crossing < 0) {
+        *kept_mass = mass_at_least(e, vocab, floor);
+        return floor;
+    }
+    uint32_t prefix = (uint32_t)crossing;  /* the high bits every candidate shares */
+    int64_t num_candidates = 0;
+    for (int64_t j = 0; j < vocab; ++j) {  /* branch-free: the crossing bucket may hold most tokens */
+        const uint32_t bits = float_bits(e[j]);
+        candidates[num_candidates] = e[j];
+        num_candidates += ((bits >> 20) == prefix) & (bits >= floor_bits);
+    }
+    for (int shift = 10; shift >= 0; shift -= 10) {
+        memset(mass, 0, sizeof mass);
+        memset(count, 0, sizeof count);
+        for (int64_t j = 0; j < num_candidates; ++j) {
+            const uint32_t bucket = (float_bits(candidates[j]) >> shift) & (BUCKETS - 1);
+            mass[bucket] += candidates[j];
+            count[bucket] += 1;
+        }
+        crossing = crossing_bucket(mass, count, mode, goal, &count_above, &mass_above);
+        if (crossing < 0) {  /* rounding between levels: keep the bucket range found so far */
+            const float threshold = bits_float(prefix << (shift + 10));
+            *kept_mass = mass_at_least(e, vocab, threshold);
+            return threshold;
+        }
+        prefix = (prefix << 10) | (uint32_t)crossing;
+        if (shift == 0) break;
+        int64_t kept = 0;
+        for (int64_t j = 0; j < num_candidates; ++j) {
+            candidates[kept] = candidates[j];
+            kept += (float_bits(candidates[j]) >> shift) == prefix;
+        }
+        num_candidates = kept;
+    }
+    *kept_mass = mass_at_least(e, vocab, bits_float(prefix));
+    return bits_float(prefix);
+}
+
+int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, int64_t vocab,
+                    const float* temperatures, const int64_t* top_ks, const float* top_ps,
+                    const float* min_ps, const double* uniforms, int64_t* tokens, int num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float* e = (float*)malloc(sizeof(float) * (size_t)(vocab + BLOCK));
+        float* candidates = (float*)malloc(sizeof(float) * (size_t)(vocab + 1));
+        float* block_mass = (float*)malloc(sizeof(float) * (size_t)(vocab / BLOCK + 2));
+        if (!e || !candidates || !block_mass) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t row = 0; row < num_rows; ++row) {
+            if (!e || !candidates || !block_mass) continue;
+            const float* x = logits + row * row_stride;
+            float peak = -INFINITY;
+#pragma omp simd reduction(max : peak)
+            for (int64_t i = 0; i < vocab; ++i) peak = x[i] > peak ? x[i] : peak;
+            const float inverse_temperature = 1.0f / temperatures[row];
+            float partial = 0.0f;
+#pragma omp simd reduction(+ : partial)
+            for (int64_t i = 0; i < vocab; ++i) {
+                e[i] = exp_nonpositive((x[i] - peak) * inverse_temperature);
+                partial += e[i];
+            }
+            const double total = partial;
+            /* Filters, each as a threshold on e. */
+            float threshold = 0.0f;
+            double filtered_mass = total;  /* the mass top-p is a share of: the top-k tokens' */
+            const int64_t top_k = top_ks[row];
+            if (top_k > 0 && top_k < vocab) {
+                threshold = radix_select(e, vocab, 0.0f, BY_COUNT, (double)top_k, candidates, &filtered_mass);
+            }
+            const float top_p = top_ps[row];
+            if (top_p < 1.0f) {
+                double unused;
+                const float cut = radix_select(e, vocab, threshold, BY_MASS, (double)top_p * filtered_mass,
+                                               candidates, &unused);
+                threshold = cut > threshold ? cut : threshold;
+            }
+            threshold = min_ps[row] > threshold ? min_ps[row] : threshold;
+            if (threshold > 1.0f) threshold = 1.0f;  /* the likeliest token (e == 1) always stays */
+            /* The draw: block sums of the kept mass, then the block the target falls in. */
+            const int64_t num_blocks = (vocab + BLOCK - 1) / BLOCK;
+            for (int64_t i = vocab; i < num_blocks * BLOCK; ++i) e[i] = 0.0f;
+            double kept_total = 0.0;
+            for (int64_t b = 0; b < num_blocks; ++b) {
+                const float* block = e + b * BLOCK;
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int j = 0; j < BLOCK; ++j) sum += block[j] >= threshold ? block[j] : 0.0f;
+                block_mass[b] = sum;
+                kept_total += sum;
+            }
+            if (!(kept_total > 0.0)) {  /* nothing finite to sample from (all logits -inf or NaN) */
+                int64_t first_peak = 0;
+                while (first_peak < vocab - 1 && !(x[first_peak] >= peak)) ++first_peak;
+                tokens[row] = first_peak;
+                continue;
+            }
+            const double target = uniforms[row] * kept_total;
+            double before = 0.0;
+            int64_t chosen = -1, last_block = -1;
+            for (int64_t b = 0; b < num_blocks; ++b) {
+                if (block_mass[b] <= 0.0f) continue;
+                last_block = b;
+                if (before + block_mass[b] <= target) {
+                    before += block_mass[b];
+                    continue;
+                }
+                for (int j = 0; j < BLOCK; ++j) {  /* the block the target falls in, token by token */
+                    const float value = e[b * BLOCK + j];
+                    if (value < threshold || value <= 0.0f) continue;
+                    chosen = b * BLOCK + j;
+                    before += value;
+                    if (before > target) break;  /* else rounding: the block's last kept token */
+                }
+                break;
+            }
+            if (chosen < 0) {  /* rounding left the target past the end: the last kept token */
+                for (int j = BLOCK - 1; j >= 0 && chosen < 0; --j) {
+                    const float value = e[last_block * BLOCK + j];
+                    if (value >= threshold && value > 0.0f) chosen = last_block * BLOCK + j;
+                }
+            }
+            tokens[row] = chosen;
+        }
+        free(e);
+        free(candidates);
+        free(block_mass);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Greedy rows: the index of each row's largest logit, the first one on ties and the first NaN if there
+ * is one (what torch.argmax returns), from one vectorised pass over blocks and a scan of one block. */
+void argmax_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, int64_t vocab, int64_t* tokens,
+                     int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t row = 0; row < num_rows; ++row) {
+        const float* x = logits + row * row_stride;
+        float peak = -INFINITY;
+        int64_t peak_block = 0;
+        int nan = 0;
+        for (int64_t start = 0; start < vocab; start += BLOCK) {  /* the first block holding the maximum */
+            const int64_t end = start + BLOCK < vocab ? start + BLOCK : vocab;
+            float block_peak = -INFINITY;
+#pragma omp simd reduction(max : block_peak) reduction(| : nan)
+            for (int64_t i = start; i < end; ++i) {
+                block_peak = x[i] > block_peak ? x[i] : block_peak;
+                nan |= x[i] != x[i];
+            }
+            if (block_peak > peak) {
+                peak = block_peak;
+                peak_block = start;
+            }
+        }
+        int64_t first = 0;
+        if (nan) {
+            while (x[first] == x[first]) ++first;
+        } else {
+            first = peak_block;
+            while (first < vocab - 1 && x[first] != peak) ++first;
+        }
+        tokens[row] = first;
+    }
+}
