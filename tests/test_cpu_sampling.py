@@ -13,7 +13,7 @@ from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import SamplingRow
 from neox_ray.kernels import cpu_sampling
 
-pytestmark = pytest.mark.skipif(not cpu_sampling.available(), reason="the CPU sampling kernel did not build here")
+needs_kernel = pytest.mark.skipif(not cpu_sampling.available(), reason="the CPU sampling kernel did not build here")
 
 
 def kernel_tokens(logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,7 @@ def kernel_tokens(logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch
                                uniforms)
 
 
+@needs_kernel
 @pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 8.0])
 @pytest.mark.parametrize("vocab", [3000, 50304])
 def test_each_draw_is_where_the_uniform_falls_in_the_oracle_distribution(scale: float, vocab: int) -> None:
@@ -46,6 +47,7 @@ def test_each_draw_is_where_the_uniform_falls_in_the_oracle_distribution(scale: 
         assert bool((inside | near_cut).all()), [(rows[i], float(uniforms[i])) for i in (~inside).nonzero()[:, 0]]
 
 
+@needs_kernel
 def test_sampler_gives_the_same_tokens_with_and_without_the_kernel(monkeypatch) -> None:
     generator = torch.Generator().manual_seed(7)
     vocab = 5000
@@ -59,6 +61,7 @@ def test_sampler_gives_the_same_tokens_with_and_without_the_kernel(monkeypatch) 
     assert sum(a != b for a, b in zip(with_kernel, without, strict=True)) <= 1
 
 
+@needs_kernel
 def test_degenerate_rows_still_give_a_token() -> None:
     logits = torch.full((3, 100), float("-inf"))
     logits[1, 42] = 0.0
@@ -72,6 +75,7 @@ def test_degenerate_rows_still_give_a_token() -> None:
     assert tokens.tolist() == [123, 123]
 
 
+@needs_kernel
 def test_argmax_is_torchs_including_ties_and_nan() -> None:
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(9, 50304, generator=generator)
@@ -82,3 +86,33 @@ def test_argmax_is_torchs_including_ties_and_nan() -> None:
     logits[4, -1] = float("inf")
     assert cpu_sampling.argmax(logits).tolist() == logits.argmax(dim=-1).tolist()
     assert cpu_sampling.argmax(logits[:, :17]).tolist() == logits[:, :17].argmax(dim=-1).tolist()  # strided rows
+
+
+@needs_kernel
+def test_logsumexp_is_torchs() -> None:
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(37, 50304, generator=generator) * 4
+    logits[3, 5:] = float("-inf")
+    torch.testing.assert_close(cpu_sampling.logsumexp(logits), logits.logsumexp(dim=-1), atol=2e-6, rtol=1e-6)
+    odd = torch.zeros(3, 10)
+    odd[0] = float("-inf")
+    odd[1, 4] = float("inf")
+    odd[2, 2] = float("nan")
+    assert str(cpu_sampling.logsumexp(odd).tolist()) == str(odd.logsumexp(dim=-1).tolist())
+
+
+def test_kernels_switched_off_mean_the_torch_sampler(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("NEOX_RAY_CPU_KERNELS", "0")
+    monkeypatch.setenv("NEOX_RAY_KERNEL_CACHE", str(tmp_path))
+    cpu_sampling._library.cache_clear()
+    try:
+        assert cpu_sampling.available() is False and not sampler_module._use_kernel(torch.zeros(1, 4))
+        logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+        assert Sampler(0)(logits, [SamplingRow(temperature=0.0)])[0].token_id == 1
+        assert Sampler(0)(logits, [SamplingRow(top_k=2, seed=3)])[0].token_id in (1, 3)
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_sampling.argmax(logits)
+        assert not list(tmp_path.iterdir())  # nothing was built
+    finally:
+        monkeypatch.undo()
+        cpu_sampling._library.cache_clear()

@@ -21,7 +21,7 @@ from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
 from neox_ray.engine.engine_config import EngineConfig
 from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
-from neox_ray.kernels import cpu_paged_attention
+from neox_ray.kernels import cpu_paged_attention, cpu_sampling
 from neox_ray.layers.attention import AttentionMetadata, resolve_backend
 from neox_ray.layers.cpu_gemm import packing_supported
 from neox_ray.loader import load_model, resolve_dtype
@@ -163,7 +163,18 @@ class ModelRunner:
         top: list[list[tuple[int, float]]] | None = [] if top_k > 0 else None
         for start in range(0, len(targets), LOGPROB_CHUNK_ROWS):
             chunk = slice(start, start + LOGPROB_CHUNK_ROWS)
-            log_softmax = torch.log_softmax(self.model.compute_logits(hidden_rows[chunk]), dim=-1)
+            logits = self.model.compute_logits(hidden_rows[chunk])
+            if top_k <= 1 and cpu_sampling.applies(logits):  # no (rows, vocab) log-softmax is written
+                log_normalizer = cpu_sampling.logsumexp(logits).unsqueeze(1)
+                chosen = logits.gather(1, target_tensor[chunk].unsqueeze(1)) - log_normalizer
+                logprobs.extend(chosen.squeeze(1).tolist())
+                if top is not None:  # the top-1 alternative (loglikelihood's "is it the argmax")
+                    best = cpu_sampling.argmax(logits).unsqueeze(1)
+                    best_logprob = logits.gather(1, best) - log_normalizer
+                    top.extend([(token, value)] for token, value in zip(best.squeeze(1).tolist(),
+                                                                        best_logprob.squeeze(1).tolist(), strict=True))
+                continue
+            log_softmax = torch.log_softmax(logits, dim=-1)
             logprobs.extend(log_softmax.gather(1, target_tensor[chunk].unsqueeze(1)).squeeze(1).tolist())
             if top is not None:
                 values, ids = log_softmax.topk(top_k, dim=-1)

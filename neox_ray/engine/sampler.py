@@ -185,7 +185,7 @@ class Sampler:
 def _use_kernel(logits: torch.Tensor) -> bool:
     """float32 logits on the CPU are sampled (and argmaxed) by the C kernel when it built: the same tokens,
     fewer passes."""
-    return logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_sampling.available()
+    return cpu_sampling.applies(logits)
 
 
 def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -297,3 +297,34 @@ void argmax_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, 
         tokens[row] = first;
     }
 }
+
+/* Scoring rows: log(sum(exp(x))) of each row, so that a token's logprob is its logit minus it, without
+ * the (rows, vocab) log-softmax tensor torch would write: a max pass and an exp-sum pass (float partial
+ * sums of 64 tokens, added in double). */
+void logsumexp_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, int64_t vocab, float* out,
+                        int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t row = 0; row < num_rows; ++row) {
+        const float* x = logits + row * row_stride;
+        float peak = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : peak) reduction(| : nan)
+        for (int64_t i = 0; i < vocab; ++i) {
+            peak = x[i] > peak ? x[i] : peak;
+            nan |= x[i] != x[i];
+        }
+        if (nan || !(peak > -INFINITY) || peak == INFINITY) {  /* what torch gives: NaN, -inf, inf */
+            out[row] = nan ? NAN : peak;
+            continue;
+        }
+        double total = 0.0;
+        for (int64_t start = 0; start < vocab; start += BLOCK) {
+            const int64_t end = start + BLOCK < vocab ? start + BLOCK : vocab;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = start; i < end; ++i) sum += exp_nonpositive(x[i] - peak);
+            total += sum;
+        }
+        out[row] = peak + (float)log(total);
+    }
+}

@@ -7,7 +7,7 @@ allocation; the kernel makes four to five passes per row, from cache, on torch's
 those of :func:`neox_ray.engine.sampler.filtered_probs` and its inverse-CDF draw, except that tokens tied
 with top-k's or top-p's last kept token are all kept (torch's ``topk`` keeps an arbitrary one of them).
 
-It also has the greedy rows' argmax, for the same reason.
+It also has the greedy rows' argmax and scoring's log-sum-exp, for the same reason.
 
 Built at first use by :mod:`neox_ray.kernels.build`; when it cannot be, :func:`available` is False and
 the sampler uses its torch path. This module checks arguments; :mod:`neox_ray.engine.sampler` decides
@@ -37,12 +37,19 @@ def _library() -> ctypes.CDLL | None:
         library.sample_rows_f32.argtypes, library.sample_rows_f32.restype = _ARGTYPES, ctypes.c_int
         library.argmax_rows_f32.argtypes = [_PTR, _INT64, _INT64, _INT64, _PTR, ctypes.c_int]
         library.argmax_rows_f32.restype = None
+        library.logsumexp_rows_f32.argtypes = [_PTR, _INT64, _INT64, _INT64, _PTR, ctypes.c_int]
+        library.logsumexp_rows_f32.restype = None
     return library
 
 
 def available() -> bool:
     """Whether :func:`sample` can run here (builds the kernel if needed)."""
     return _library() is not None
+
+
+def applies(logits: torch.Tensor) -> bool:
+    """Whether these logits can go through the kernel: float32 on the CPU, and the kernel built."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and available()
 
 
 def _checked_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -64,6 +71,20 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
         library.argmax_rows_f32(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
                                 tokens.data_ptr(), torch.get_num_threads())
     return tokens
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """(rows, vocab) float32 CPU logits -> (rows,) float32 ``logits.logsumexp(dim=-1)``: a token's logprob
+    is its logit minus this, with no (rows, vocab) log-softmax written (scoring's per-position logprobs)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the CPU sampling kernel is not available")
+    logits = _checked_logits(logits)
+    out = torch.empty(logits.shape[0], dtype=torch.float32)
+    if logits.shape[0]:
+        library.logsumexp_rows_f32(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
+                                   out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
