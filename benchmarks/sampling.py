@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--shape", default="pythia-70m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default=None, help="e.g. int8 (both runs)")
     parser.add_argument("--num-prompts", type=int, default=48)
     parser.add_argument("--max-num-seqs", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -124,9 +126,11 @@ def main() -> None:
     jobs = workload(args.num_prompts, (16, 128), (32, 96))
     requested = sum(m for _, m in jobs)
     print(f"{args.num_prompts} prompts, {sum(len(p) for p, _ in jobs)} prompt tokens, {requested} requested "
-          f"tokens; {args.shape} fp32 on {args.device} ({torch.get_num_threads()} threads)")
-    llm = LLM(str(model_dir), device=args.device, max_num_seqs=args.max_num_seqs, block_size=16,
-              enable_prefix_caching=False)
+          f"tokens; {args.shape} {args.dtype}{' ' + args.quantization if args.quantization else ''} on {args.device} "
+          f"({torch.get_num_threads()} threads)")
+    quantization = {"quantization": args.quantization} if args.quantization else {}
+    llm = LLM(str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=16,
+              enable_prefix_caching=False, **quantization)
     llm.generate([[7] * 16, [8] * 16], SamplingParams(temperature=0.8, max_tokens=4, seed=1))  # warm-up
 
     def greedy(index: int, max_tokens: int) -> Any:
@@ -152,7 +156,8 @@ def main() -> None:
             print_breakdown(label, cpu, phases)
     print(f"ratio sampled / greedy (run with the least CPU time of {args.repeats} each): "
           f"{best['greedy'][1] / best['sampled'][1]:.2f}x CPU time, {best['greedy'][0] / best['sampled'][0]:.2f}x wall "
-          f"(1.00x = sampling is free)")
+          f"(1.00x = sampling is free; target >= 0.9x)")
+
 
 if __name__ == "__main__":
     main()

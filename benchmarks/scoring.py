@@ -69,7 +69,7 @@ def main() -> None:
     print(f"neox-ray:     {ours_rate:8.1f} scored tok/s")
     print(f"transformers: {hf_rate:8.1f} scored tok/s (batch {args.hf_batch_size}, right padded)")
     print(f"NLL agrees: {ours_nll:.3f} vs {hf_nll:.3f}")
-    print(f"ratio neox-ray / transformers: {ours_rate / hf_rate:.2f}x  (target >= 1.5x)")
+    print(f"ratio neox-ray / transformers: {ours_rate / hf_rate:.2f}x  (target >= 3x)")
 
 
 if __name__ == "__main__":
