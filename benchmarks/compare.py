@@ -219,50 +219,51 @@ def run_leg_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def target_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     """One PASS / FAIL / SKIP line per target, with the numbers behind it."""
-    def rate(name: str) -> float | None:
-        result = results.get(name)
-        return result["tokens_per_s"] if result and result["status"] == "ok" else None
+    rates: dict[str, float] = {name: result["tokens_per_s"] for name, result in results.items()
+                               if result["status"] == "ok"}
 
     def why_missing(*names: str) -> str:
         return "; ".join(f"{name} {results[name]['status'] if name in results else 'not run'}"
-                         for name in names if rate(name) is None)
+                         for name in names if name not in rates)
 
-    def check(target: str, value: float | None, threshold: float, numbers: str, missing: str) -> str:
-        if value is None:
-            return f"SKIP: {target}: {missing}"
+    def check(target: str, value: float, threshold: float, numbers: str) -> str:
         return f"{'PASS' if value >= threshold else 'FAIL'}: {target}: {value:.2f}x ({numbers})"
 
     lines = []
     for family in ("fp32", "bf16", "int8"):
-        greedy, sampled = rate(f"neox-{family}"), rate(f"neox-{family}-sampled")
-        value = sampled / greedy if sampled and greedy else None
-        lines.append(check(f"neox-ray {family} sampled >= 0.9x greedy", value, 0.9,
-                           f"{sampled or 0:.1f} vs {greedy or 0:.1f} tok/s",
-                           why_missing(f"neox-{family}", f"neox-{family}-sampled")))
-    ours, hf = rate("neox-fp32"), rate(BASELINE)
-    lines.append(check("neox-ray fp32 >= 4x HF generate fp32", ours / hf if ours and hf else None, 4.0,
-                       f"{ours or 0:.1f} vs {hf or 0:.1f} tok/s", why_missing("neox-fp32", BASELINE)))
-    for family in ("fp32", "bf16", "int8"):
-        peers = [name for name, leg in LEGS.items() if leg.family == family and leg.engine in PEER_ENGINES]
-        measured = {name: rate(name) for name in peers if rate(name) is not None}
-        ours = rate(f"neox-{family}")
-        if not measured or ours is None:
-            lines.append(f"SKIP: neox-ray {family} >= 1.5x the best peer at {family}: "
-                         f"{why_missing(f'neox-{family}', *peers)}")
-            continue
-        best = max(measured, key=lambda name: measured[name] or 0.0)
-        others = ", ".join(f"{name} {value:.1f}" for name, value in measured.items() if name != best)
-        lines.append(check(f"neox-ray {family} >= 1.5x the best peer at {family}", ours / measured[best], 1.5,
-                           f"{ours:.1f} vs {best} {measured[best]:.1f} tok/s" + (f"; {others}" if others else ""),
-                           ""))
-    neox = {name: rate(name) for name in LEGS if name.startswith("neox-") and rate(name) is not None}
-    if neox and hf:
-        fastest = max(neox, key=lambda name: neox[name] or 0.0)
-        lines.append(check("fastest neox-ray mode >= 12x HF fp32 generate", (neox[fastest] or 0.0) / hf, 12.0,
-                           f"{fastest} {neox[fastest]:.1f} vs {hf:.1f} tok/s", ""))
+        target = f"neox-ray {family} sampled >= 0.9x greedy"
+        greedy, sampled = f"neox-{family}", f"neox-{family}-sampled"
+        if greedy in rates and sampled in rates:
+            lines.append(check(target, rates[sampled] / rates[greedy], 0.9,
+                               f"{rates[sampled]:.1f} vs {rates[greedy]:.1f} tok/s"))
+        else:
+            lines.append(f"SKIP: {target}: {why_missing(greedy, sampled)}")
+    target = "neox-ray fp32 >= 4x HF generate fp32"
+    if "neox-fp32" in rates and BASELINE in rates:
+        lines.append(check(target, rates["neox-fp32"] / rates[BASELINE], 4.0,
+                           f"{rates['neox-fp32']:.1f} vs {rates[BASELINE]:.1f} tok/s"))
     else:
-        lines.append(f"SKIP: fastest neox-ray mode >= 12x HF fp32 generate: "
-                     f"{'no neox-ray leg ran' if not neox else why_missing(BASELINE)}")
+        lines.append(f"SKIP: {target}: {why_missing('neox-fp32', BASELINE)}")
+    for family in ("fp32", "bf16", "int8"):
+        target = f"neox-ray {family} >= 1.5x the best peer at {family}"
+        ours = f"neox-{family}"
+        peers = [name for name, leg in LEGS.items() if leg.family == family and leg.engine in PEER_ENGINES]
+        measured = {name: rates[name] for name in peers if name in rates}
+        if not measured or ours not in rates:
+            lines.append(f"SKIP: {target}: {why_missing(ours, *peers)}")
+            continue
+        best = max(measured, key=measured.__getitem__)
+        others = "".join(f"; {name} {value:.1f}" for name, value in measured.items() if name != best)
+        lines.append(check(target, rates[ours] / measured[best], 1.5,
+                           f"{rates[ours]:.1f} vs {best} {measured[best]:.1f} tok/s{others}"))
+    target = "fastest neox-ray mode >= 12x HF fp32 generate"
+    neox = {name: rate for name, rate in rates.items() if LEGS[name].engine == "neox"}
+    if neox and BASELINE in rates:
+        fastest = max(neox, key=neox.__getitem__)
+        lines.append(check(target, neox[fastest] / rates[BASELINE], 12.0,
+                           f"{fastest} {neox[fastest]:.1f} vs {rates[BASELINE]:.1f} tok/s"))
+    else:
+        lines.append(f"SKIP: {target}: {'no neox-ray leg ran' if not neox else why_missing(BASELINE)}")
     return lines
 
 
