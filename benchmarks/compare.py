@@ -115,9 +115,15 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
 
     options: dict[str, Any] = {"bf16": {"dtype": "bfloat16"}, "fp32": {"dtype": "float32"},
                                "int8": {"dtype": "float32", "quantization": "int8"}}[leg.family]
+    # The KV cache is sized to the workload, as llama-server's context is: max_num_seqs sequences of the longest
+    # job (the engine's CPU default reserves room for 128k tokens, which would dominate the peak RSS).
+    config = json.loads((model_dir / "config.json").read_text())
+    element = 2 if options["dtype"] == "bfloat16" else 4
+    longest = max(len(prompt) + max_tokens for prompt, max_tokens in jobs)
+    kv_cache_memory = max_num_seqs * (longest + 16) * 2 * config["num_hidden_layers"] * config["hidden_size"] * element
     try:
         llm = LLM(str(model_dir), device="cpu", max_num_seqs=max_num_seqs, block_size=16,
-                  enable_prefix_caching=False, **options)
+                  enable_prefix_caching=False, kv_cache_memory=kv_cache_memory, **options)
     except (TypeError, ValueError) as exc:
         raise LegUnavailable(f"LLM({', '.join(f'{k}={v!r}' for k, v in options.items())}): {exc}") from None
 
@@ -134,7 +140,8 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
     for index, (output, (_, max_tokens)) in enumerate(zip(outputs, jobs, strict=True)):
         if len(output.outputs[0].token_ids) != max_tokens:
             raise RuntimeError(f"job {index}: {len(output.outputs[0].token_ids)} tokens, {max_tokens} requested")
-    return sum(max_tokens for _, max_tokens in jobs), seconds, f"max_num_seqs {max_num_seqs}"
+    return (sum(max_tokens for _, max_tokens in jobs), seconds,
+            f"max_num_seqs {max_num_seqs}, KV cache {kv_cache_memory / 2**20:.0f} MiB")
 
 
 def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
