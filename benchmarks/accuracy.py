@@ -24,6 +24,10 @@ is the numerical drift of the kernels (matmuls, attention, layer norms, logits) 
 the same arithmetic a trained checkpoint goes through; the ``--margin`` column shows agreement where the
 reference is not a near-tie. Run on a real checkpoint (``--model DIR``) for numbers that carry over.
 
+``--modes fp32-again`` adds a control: a second float32 engine, which must match the reference exactly (it
+shows that the differences come from the precision, not from run-to-run nondeterminism). The wall and CPU
+times printed are one first pass per mode, warm-up included: an indication, not a speed benchmark.
+
     python benchmarks/accuracy.py --shape pythia-70m            # CPU, 2 threads, ~4k tokens of text
     python benchmarks/accuracy.py --shape pythia-160m --json accuracy-160m.json
 """
