@@ -22,6 +22,7 @@ from test_model import LENGTHS, packed_logits, random_batch
 from neox_ray.engine.engine_config import EngineConfig, flag_fields
 from neox_ray.engine.model_runner import check_int8_runs
 from neox_ray.engine.schema import SettingsError
+from neox_ray.kernels import cpu_quantize
 from neox_ray.layers import cpu_int8
 from neox_ray.layers.activation import get_activation
 from neox_ray.loader import load_model
@@ -214,17 +215,31 @@ def test_llm_refuses_int8_when_torch_lacks_the_op(tiny_checkpoint: Path, monkeyp
         cpu_int8.int8_supported.cache_clear()
 
 
-def test_a_missing_fused_quantizer_falls_back_to_plain_ops(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 48), (300, 96), (0, 8)])
+def test_quantizer_kernel_gives_the_plain_ops_values(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    if not cpu_quantize.available(dtype):
+        pytest.skip("the CPU quantizer kernel did not build here (no C compiler)")
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 3 + 0.5).to(dtype)
+    got, want = cpu_quantize.quantize(x), cpu_int8._quantize_plain(x)
+    assert got is not None and torch.equal(got[0], want[0]) and got[1:] == pytest.approx(want[1:], rel=1e-12)
+
+
+def test_without_the_kernel_or_torchs_fused_quantizer_plain_ops_quantize(monkeypatch) -> None:
     def missing(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         raise RuntimeError("quantize_per_tensor_dynamic was removed")
 
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
-    want = cpu_int8.quantize_activation(x)
+    want = cpu_int8._quantize_plain(x)
+    monkeypatch.setenv("NEOX_RAY_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_int8, "_quantize_fused", missing)
+    cpu_quantize._library.cache_clear()
     cpu_int8._fused_quantizer_works.cache_clear()
     try:
+        assert cpu_quantize.quantize(x) is None and not cpu_int8._fused_quantizer_works()
         got = cpu_int8.quantize_activation(x)
         assert torch.equal(got[0], want[0]) and got[1:] == pytest.approx(want[1:])
     finally:
         monkeypatch.undo()
+        cpu_quantize._library.cache_clear()
         cpu_int8._fused_quantizer_works.cache_clear()

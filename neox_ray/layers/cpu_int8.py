@@ -5,33 +5,40 @@ The op is ``onednn::qlinear_pointwise``, the x86 int8 path torch's inductor emit
 and packed once (:func:`pack_int8_weight`), each call quantizes the activation (:func:`quantize_activation`)
 and the GEMM writes float32 or bfloat16 directly with the bias and GELU/ReLU/SiLU fused in its epilogue.
 
-Measured with ``benchmarks/int8_gemm.py`` on the 2-core Sapphire Rapids dev VM (AMX), one thread, a whole
-pythia-160m layer's four linears (plus the 50k-row LM head for M <= 64), ms, activation quantization included:
+Measured with ``benchmarks/int8_gemm.py`` on the 2-core Sapphire Rapids dev VM (AMX), 2 threads, best of 7,
+ms, activation quantization included; "layer" is pythia-160m's four linears, "head" the 50304 x 768 LM head:
 
-    rows M        1     16     64    256   1024
-    fp32 packed  12.2   34.9   79.7   29.8  117.1
-    bf16 packed   8.9   11.4   15.1    2.9   12.6
-    int8 (this)   2.3    3.1    6.5    3.0   13.3
+    rows M               1      16      64     256    2048
+    layer fp32 packed  0.59    1.05    2.97   11.29   90.14
+    layer bf16 packed  0.28    0.33    0.63    1.64   12.34
+    layer int8 (this)  0.25    0.30    0.53    1.50   10.14
+    head  fp32 packed  6.50    9.93   20.27   79.29
+    head  bf16 packed  1.99    2.38    4.71   10.35
+    head  int8, fp32   0.88    1.05    2.37   20.75      (bf16 activations: 0.85 / 0.96 / 1.56 / 6.65)
 
-and with AMX switched off (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, what the Zen4 CI machine has):
-fp32 16.5 / 24.3 / 83.2 / 40.8 / 156.9, bf16 6.5 / 17.8 / 108.5 / 54.4 / 232.7, int8 1.9 / 5.8 / 22.7 / 7.4 /
-61.7. The VM was shared and loaded (load average ~8): read the ratios, not the absolute times.
+With AMX switched off (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``: VNNI and AVX512-BF16 only, like the Zen4 CI
+machine; one thread, loaded VM, layer + head for M <= 64): fp32 16.5 / 24.3 / 83.2 / 40.8 ms at M = 1 / 16 /
+64 / 256, bf16 6.5 / 17.8 / 108.5 / 54.4, int8 1.9 / 5.8 / 22.7 / 7.4.
+
 Why this path and these choices:
 
 - small M (decode) is weight-bandwidth bound: int8 weights are a quarter of fp32 and half of bf16;
-  large M with AMX runs about as fast as AMX bf16, without AMX int8 (VNNI) beats bf16 by 3-4x;
-- ``torch._int_mm`` (per-token activation scales, dequantized afterwards) was 3-10x slower,
-  ``quantized::linear_dynamic`` (fbgemm) slower from M=16 up, ``torch._weight_int8pack_mm`` far slower;
+  large M with AMX runs about as fast as AMX bf16 (the LM head writing fp32 at M=256 is slower: writing
+  bf16 logits would be 3x faster there), and without AMX int8 (VNNI) beat bf16 by 3-7x in the run above;
+- ``torch._int_mm`` (per-token activation scales, dequantized afterwards) was 2-12x slower;
+  ``quantized::linear_dynamic`` (fbgemm, torch.ao) is faster at M=1 while the weights sit in cache (a
+  microbenchmark artefact: a model's 85+ MB of weights do not) and 2-8x slower from M=64 up, and its
+  quantized-tensor API is deprecated; ``torch._weight_int8pack_mm`` (weight-only) is far slower;
 - activations are uint8 with a zero point, not int8: without AMX oneDNN runs int8 (s8) activations on its
   reference kernel (~300x slower), uint8 on ``brg_matmul:avx512_core_vnni``;
 - per-tensor activation scales, because oneDNN's int8 linear takes one activation scale. On a random
-  activation with four 20x outlier channels and token scales spread 40x, per-tensor gave 8.5% relative
-  output error vs 4.1% per token; the inputs here come out of LayerNorm or GELU, whose tokens have
-  similar scales, which is the case per-tensor handles well.
+  activation with four 20x outlier channels and token scales spread 40x, per-tensor gave 8.0% relative
+  output error vs 4.1% per token; the inputs here come out of LayerNorm, attention or GELU, whose
+  tokens have similar scales, which is the case per-tensor handles well.
 
-Activation quantization costs one pass for min/max and one to quantize (``torch.quantize_per_tensor_dynamic``,
-~1 ms for 2048 x 768 on one thread): small next to the GEMM at decode sizes, up to a third of it at long
-prefills. A fused C quantizer would remove most of that; not written yet.
+Activations are quantized by a small C kernel (:mod:`neox_ray.kernels.cpu_quantize`; two passes, reads
+bf16 directly): 336 us for 2048 x 768 vs 700 us for torch's fused ``quantize_per_tensor_dynamic`` (which
+also needs a widened copy of a bf16 input), the fallback when no compiler is present.
 
 This module only quantizes, packs and multiplies. The layers (:mod:`neox_ray.layers.linear`) use an int8 weight
 when they have one; the model runner decides to quantize (``quantization="int8"``, CPU, and
@@ -47,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from neox_ray.kernels import cpu_quantize
 from neox_ray.layers.activation import get_activation
 
 # hidden_act -> (oneDNN int8 post-op, its algorithm); others run as a separate op after the GEMM.
@@ -96,6 +104,8 @@ def _quantize_fused(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
 
 def _quantize_plain(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=torch.uint8), 1.0, 0
     low, high = torch.aminmax(x)
     low_value, high_value = min(float(low), 0.0), max(float(high), 0.0)  # zero stays exactly representable
     scale = (high_value - low_value) / 255 or 1.0
@@ -104,8 +114,12 @@ def _quantize_plain(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """float32/bfloat16 -> (uint8 values, scale, zero point) over the tensor's [min, max] (with 0)."""
-    return _quantize_fused(x) if _fused_quantizer_works() else _quantize_plain(x)
+    """float32/bfloat16 -> (uint8 values, scale, zero point) over the tensor's [min, max] (with 0): the C
+    kernel when it built, else torch's fused quantizer, else plain torch ops (all give the same values)."""
+    quantized = cpu_quantize.quantize(x)
+    if quantized is not None:
+        return quantized
+    return _quantize_fused(x) if x.numel() and _fused_quantizer_works() else _quantize_plain(x)
 
 
 def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,

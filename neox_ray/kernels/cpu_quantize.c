@@ -1,0 +1,44 @@
+/* Dynamic per-tensor activation quantization for the int8 GEMM (see cpu_quantize.py): uint8 values over the
+ * tensor's [min, max] (widened to include 0, so 0 is exact), in two parallel passes over the data:
+ * min/max, then quantize. Rounding is round-half-to-even like torch.round. float32 or bfloat16 input. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t widened = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+static inline float f32_load(const float *x, int64_t i) { return x[i]; }
+static inline float bf16_load(const uint16_t *x, int64_t i) { return bf16_to_float(x[i]); }
+
+/* scale_out / zero_point_out receive the parameters: x ~= (q - zero_point) * scale. */
+#define DEFINE_QUANTIZE(NAME, TYPE, LOAD)                                                              \
+    void NAME(const TYPE *x, int64_t n, uint8_t *out, double *scale_out, int64_t *zero_point_out,      \
+              int threads) {                                                                           \
+        float low = 0.0f, high = 0.0f;                                                                 \
+        _Pragma("omp parallel for simd num_threads(threads) reduction(min:low) reduction(max:high)")  \
+        for (int64_t i = 0; i < n; i++) {                                                              \
+            float v = LOAD(x, i);                                                                      \
+            low = v < low ? v : low;                                                                   \
+            high = v > high ? v : high;                                                                \
+        }                                                                                              \
+        double scale = ((double)high - (double)low) / 255.0;                                           \
+        if (scale == 0.0) scale = 1.0;                                                                 \
+        double zero_point = nearbyint(-(double)low / scale);                                           \
+        float inverse = (float)(1.0 / scale), shift = (float)zero_point;                               \
+        _Pragma("omp parallel for simd num_threads(threads)")                                        \
+        for (int64_t i = 0; i < n; i++) {                                                              \
+            float q = nearbyintf(LOAD(x, i) * inverse + shift);                                        \
+            q = q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q);                                          \
+            out[i] = (uint8_t)q;                                                                       \
+        }                                                                                              \
+        *scale_out = scale;                                                                            \
+        *zero_point_out = (int64_t)zero_point;                                                         \
+    }
+
+DEFINE_QUANTIZE(quantize_u8_f32, float, f32_load)
+DEFINE_QUANTIZE(quantize_u8_bf16, uint16_t, bf16_load)
