@@ -243,3 +243,57 @@ def test_without_the_kernel_or_torchs_fused_quantizer_plain_ops_quantize(monkeyp
         monkeypatch.undo()
         cpu_quantize._library.cache_clear()
         cpu_int8._fused_quantizer_works.cache_clear()
+
+
+# ---- tensor parallelism -----------------------------------------------------------------------------------
+@needs_int8
+def test_sharded_linears_quantize_each_ranks_slice_per_output_channel() -> None:
+    """Column-parallel ranks hold whole output channels (their scales equal the full weight's); row-parallel
+    ranks hold a slice of every channel's inputs and scale it by its own max: still per output channel, and
+    the summed partial products stay as close to the full product as one int8 GEMM is."""
+    from neox_ray import distributed
+    from neox_ray.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
+    x = torch.randn(9, 64, generator=generator)
+    full_scales = cpu_int8.quantize_weight(weight)[1]
+    column_outputs, row_partials = [], []
+    try:
+        for rank in range(2):
+            distributed._STATE.rank, distributed._STATE.world_size = rank, 2
+            column = ColumnParallelLinear(64, 96)
+            column.weight.data, column.bias.data = weight[rank * 48:(rank + 1) * 48], bias[rank * 48:(rank + 1) * 48]
+            column.quantize_for_cpu()
+            assert column.int8_weight is not None
+            torch.testing.assert_close(column.int8_weight.scales, full_scales[rank * 48:(rank + 1) * 48])
+            column_outputs.append(column(x))
+            row = RowParallelLinear(64, 96, reduce_results=False)
+            row.weight.data, row.bias.data = weight[:, rank * 32:(rank + 1) * 32], bias
+            row.quantize_for_cpu()
+            row_partials.append(row(x[:, rank * 32:(rank + 1) * 32]))  # the bias comes from rank 0 only
+    finally:
+        distributed._STATE.rank, distributed._STATE.world_size = 0, 1
+    want = F.linear(x, weight, bias)
+    assert relative(torch.cat(column_outputs, dim=-1), want) < 0.02
+    assert relative(row_partials[0] + row_partials[1], want) < 0.02
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@needs_int8
+def test_int8_under_tensor_parallelism_stays_close_to_fp32(ray_session, tiny_checkpoint: Path) -> None:
+    from neox_ray import LLM, SamplingParams
+
+    prompts = [[5 + i] * (4 + 9 * i) for i in range(3)]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    reference = LLM(str(tiny_checkpoint), block_size=4).generate(prompts, params)
+    llm = LLM(str(tiny_checkpoint), quantization="int8", tensor_parallel_size=2, block_size=4,
+              worker_num_cpus=0.25, placement_timeout_s=30)
+    try:
+        for prompt, ours, ref in zip(prompts, llm.generate(prompts, params), reference, strict=True):
+            diffs = [abs(a[t] - b[t]) for a, b, t in zip(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:],
+                                                        prompt[1:], strict=True)]
+            assert max(diffs) < 0.3
+    finally:
+        llm.shutdown()
