@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse  # noqa: E402
 from neox_ray.layers.cpu_gemm import pack_weight, packed_linear  # noqa: E402
 from neox_ray.layers.cpu_int8 import int8_linear, pack_int8_weight, quantize_activation  # noqa: E402
 
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--head-max-rows", type=int, default=256, help="skip the LM head above this many rows")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    keep_freed_memory_for_reuse()  # as the engine does: fresh 50 MB logits would otherwise page-fault every call
     h = args.hidden
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, hidden {h}")

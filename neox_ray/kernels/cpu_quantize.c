@@ -1,5 +1,5 @@
 /* Dynamic per-tensor activation quantization for the int8 GEMM (see cpu_quantize.py): uint8 values over the
- * tensor's [min, max] (widened to include 0, so 0 is exact), in two parallel passes over the data:
+ * tensor's [min, max] (widened to include 0, so 0 is exact), in two passes over the data (parallel when large):
  * min/max, then quantize. Rounding is round-half-to-even like torch.round. float32 or bfloat16 input. */
 #include <math.h>
 #include <stdint.h>
@@ -17,7 +17,7 @@ static inline float bf16_load(const uint16_t *x, int64_t i) { return bf16_to_flo
 
 /* Below this many elements one thread does it: a parallel region's fork and barrier cost more than the
  * work (decode-sized activations), and on a busy machine a barrier waits for a descheduled thread. */
-#define PARALLEL_MIN_ELEMENTS 262144
+#define PARALLEL_MIN_ELEMENTS 131072
 
 /* scale_out / zero_point_out receive the parameters: x ~= (q - zero_point) * scale. */
 #define DEFINE_QUANTIZE(NAME, TYPE, LOAD)                                                              \

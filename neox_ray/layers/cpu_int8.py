@@ -9,22 +9,26 @@ Measured with ``benchmarks/int8_gemm.py`` on the 2-core Sapphire Rapids dev VM (
 ms, activation quantization included; "layer" is pythia-160m's four linears, "head" the 50304 x 768 LM head:
 
     rows M               1      16      64     256    2048
-    layer fp32 packed  0.59    1.05    2.97   11.29   90.14
-    layer bf16 packed  0.28    0.33    0.63    1.64   12.34
-    layer int8 (this)  0.25    0.30    0.53    1.50   10.14
-    head  fp32 packed  6.50    9.93   20.27   79.29
-    head  bf16 packed  1.99    2.38    4.71   10.35
-    head  int8, fp32   0.88    1.05    2.37   20.75      (bf16 activations: 0.85 / 0.96 / 1.56 / 6.65)
+    layer fp32 packed  0.59    1.07    2.98   11.52   91.35
+    layer bf16 packed  0.28    0.32    0.62    1.67   12.35
+    layer int8 (this)  0.24    0.31    0.62    1.65   11.34
+    head  fp32 packed  6.69   10.00   21.80   64.53
+    head  bf16 packed  2.49    2.07    7.19   10.21
+    head  int8 (this)  0.87    0.94    2.99    7.39
 
 With AMX switched off (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``: VNNI and AVX512-BF16 only, like the Zen4 CI
 machine; one thread, loaded VM, layer + head for M <= 64): fp32 16.5 / 24.3 / 83.2 / 40.8 ms at M = 1 / 16 /
 64 / 256, bf16 6.5 / 17.8 / 108.5 / 54.4, int8 1.9 / 5.8 / 22.7 / 7.4.
 
+End to end on the AMX VM (random pythia-160m, 32 prompts of 16-128 tokens, 64 greedy tokens each, one quick
+run): fp32 395 tok/s, bf16 762, int8 793, int8 with bf16 activations 821. There the int8 GEMMs are about a
+third of a step's time (cProfile); decode attention, rotary and per-step Python take most of the rest.
+
 Why this path and these choices:
 
 - small M (decode) is weight-bandwidth bound: int8 weights are a quarter of fp32 and half of bf16;
-  large M with AMX runs about as fast as AMX bf16 (the LM head writing fp32 at M=256 is slower: writing
-  bf16 logits would be 3x faster there), and without AMX int8 (VNNI) beat bf16 by 3-7x in the run above;
+  with AMX, layers at M >= 16 run about as fast as AMX bf16 (both compute-bound on AMX tiles), the LM head
+  2-3x faster; without AMX int8 (VNNI) beat bf16 by 3-7x in the run above;
 - ``torch._int_mm`` (per-token activation scales, dequantized afterwards) was 2-12x slower;
   ``quantized::linear_dynamic`` (fbgemm, torch.ao) is faster at M=1 while the weights sit in cache (a
   microbenchmark artefact: a model's 85+ MB of weights do not) and 2-8x slower from M=64 up, and its
@@ -37,7 +41,7 @@ Why this path and these choices:
   tokens have similar scales, which is the case per-tensor handles well.
 
 Activations are quantized by a small C kernel (:mod:`neox_ray.kernels.cpu_quantize`; two passes, reads
-bf16 directly): 336 us for 2048 x 768 vs 700 us for torch's fused ``quantize_per_tensor_dynamic`` (which
+bf16 directly): 409 us for 2048 x 768 vs 730 us for torch's fused ``quantize_per_tensor_dynamic`` (which
 also needs a widened copy of a bf16 input), the fallback when no compiler is present.
 
 This module only quantizes, packs and multiplies. The layers (:mod:`neox_ray.layers.linear`) use an int8 weight
