@@ -45,8 +45,8 @@ class EngineConfig(StrictSettings):
                                                                     description="auto, cpu, cuda or cuda:N")
     attention_backend: AttentionBackend = setting("auto", tags=[FLAG], description="attention implementation")
     quantization: Quantization | None = setting(
-        None, tags=[FLAG], description="int8: int8 weights (per output channel) times activations quantized per "
-                                       "step, on CPU; activations between layers keep dtype (none/unset: off)")
+        None, tags=[FLAG], description="int8: int8 weights (a scale per output channel) and activations quantized "
+                                       "at each matmul, CPU only; activations between layers keep dtype (default off)")
     max_num_seqs: int = setting(128, ge=1, tags=[FLAG], description="most sequences in one engine step")
     max_num_batched_tokens: int = setting(2048, ge=1, description="most tokens in one engine step")
     block_size: int = setting(16, ge=1, description="tokens per KV-cache block")
