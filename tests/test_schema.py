@@ -55,7 +55,8 @@ def test_batch_override_columns_and_flags_come_from_the_schema() -> None:
     for spec in flag_fields():
         assert batch_cli._COMMON_FLAGS[spec.name] == f"engine.{spec.name}"
         assert flags[spec.flag].help.startswith(spec.description)
-    assert {"dtype", "device", "max_model_len", "tensor_parallel_size"} <= {s.name for s in flag_fields()}
+    derived = {s.name for s in flag_fields()}
+    assert {"dtype", "device", "max_model_len", "tensor_parallel_size", "quantization"} <= derived
 
     args = parser.parse_args(["--min-p", "0.1", "--stop", "\n\n", "END", "--ignore-eos", "--max-model-len", "128",
                               "--stop-token-ids", "3", "7", "--no-skip-special-tokens"])
@@ -75,6 +76,8 @@ def test_serve_engine_flags_come_from_the_schema() -> None:
     assert engine == {"max_num_seqs": 8, "dtype": "float32", "max_model_len": 512}
     with pytest.raises(SystemExit):  # choices come from the Literal type
         parser.parse_args(["serve", "--dtype", "int3"])
+    args = parser.parse_args(["serve", "--model", "/m", "--quantization", "int8"])
+    assert resolve_config(args)["applications"][0]["args"]["engine"] == {"quantization": "int8"}
 
 
 def test_sampling_row_copies_knobs_by_name() -> None:

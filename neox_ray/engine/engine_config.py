@@ -18,6 +18,7 @@ FLAG = "flag"  # a command-line option of ``neox-ray generate|score|serve``
 
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 AttentionBackend = Literal["auto", "sdpa", "flash_attn", "eager"]
+Quantization = Literal["none", "int8"]
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -29,6 +30,12 @@ def _known_device(device: str) -> str:
     return device
 
 
+def check_int8_device(device: str) -> None:
+    """Also called by the model runner once ``auto`` has become a real device."""
+    if device.startswith("cuda"):
+        raise ValueError(f"quantization int8 runs on CPU only for now (device is {device!r}); use device=cpu")
+
+
 class EngineConfig(StrictSettings):
     model: str = setting(min_length=1, description="checkpoint directory or hub id (ORG/NAME, or ORG/NAME@REVISION)")
     revision: str | None = setting(None, min_length=1, tags=[FLAG],
@@ -37,6 +44,9 @@ class EngineConfig(StrictSettings):
     device: Annotated[str, AfterValidator(_known_device)] = setting("auto", tags=[FLAG],
                                                                     description="auto, cpu, cuda or cuda:N")
     attention_backend: AttentionBackend = setting("auto", tags=[FLAG], description="attention implementation")
+    quantization: Quantization | None = setting(
+        None, tags=[FLAG], description="int8: int8 weights (a scale per output channel) and activations quantized "
+                                       "at each matmul, CPU only; activations between layers keep dtype (default off)")
     max_num_seqs: int = setting(128, ge=1, tags=[FLAG], description="most sequences in one engine step")
     max_num_batched_tokens: int = setting(2048, ge=1, description="most tokens in one engine step")
     block_size: int = setting(16, ge=1, description="tokens per KV-cache block")
@@ -63,6 +73,18 @@ class EngineConfig(StrictSettings):
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
         return self
+
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> EngineConfig:
+        if self.quantization == "int8":
+            check_int8_device(self.device)
+            if self.dtype in ("float16", "fp16"):
+                raise ValueError(f"quantization int8 takes dtype float32 or bfloat16 activations, not {self.dtype}")
+        return self
+
+    @property
+    def int8(self) -> bool:
+        return self.quantization == "int8"
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

@@ -18,10 +18,11 @@ import torch
 from neox_ray.config import ModelConfig
 from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
-from neox_ray.engine.engine_config import EngineConfig
+from neox_ray.engine.engine_config import EngineConfig, check_int8_device
 from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
 from neox_ray.kernels import cpu_paged_attention, cpu_sampling
+from neox_ray.layers import cpu_int8
 from neox_ray.layers.attention import AttentionMetadata, resolve_backend
 from neox_ray.layers.cpu_gemm import packing_supported
 from neox_ray.loader import load_model, resolve_dtype
@@ -34,6 +35,15 @@ LOGPROB_CHUNK_ROWS = 1024  # rows of full-vocab logits materialized at once for 
 # CPU default KV cache when neither num_kv_blocks nor kv_cache_memory is given: room for every sequence at
 # max_model_len, capped at this many tokens.
 CPU_DEFAULT_CACHE_TOKENS = 1 << 17
+
+
+def check_int8_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """``quantization="int8"`` once ``auto`` device and dtype are resolved: one-line ValueErrors, before loading."""
+    check_int8_device(str(device))
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"quantization int8 takes dtype float32 or bfloat16 activations, not {dtype}")
+    if not cpu_int8.int8_supported(dtype):
+        raise ValueError(cpu_int8.UNSUPPORTED_MESSAGE)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -49,13 +59,17 @@ class ModelRunner:
         self.model_config = model_config or ModelConfig.from_pretrained(config.model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        if config.int8:
+            check_int8_runs(self.device, self.dtype)
         self.attention_backend = resolve_backend(config.attention_backend, self.device, config.block_size)
         self.model = load_model(config.model, self.model_config, self.dtype, self.device,
                                 self.attention_backend, config.allow_pickle)
         self.decode_path = "grouped"  # GPU without flash-attn (flash-attn ignores it)
         if self.device.type == "cpu":
             keep_freed_memory_for_reuse()
-            if packing_supported(self.dtype):
+            if config.int8:
+                self.model.pack_weights_for_cpu(quantize_int8=True)
+            elif packing_supported(self.dtype):
                 self.model.pack_weights_for_cpu()
             use_kernel = self.attention_backend == "sdpa" and cpu_paged_attention.available(self.dtype)
             self.decode_path = "kernel" if use_kernel else "views"

@@ -5,7 +5,9 @@ Each parameter carries ``shard_dim``: the checkpoint dimension this rank holds a
 so no rank ever materializes a full sharded weight. The collective each layer needs is in its ``forward``.
 
 On CPU the model runner may call :meth:`PackableWeight.pack_for_cpu`: the layer then multiplies with a
-oneDNN copy of its weight packed once (:mod:`neox_ray.layers.cpu_gemm`) and drops the plain one.
+oneDNN copy of its weight packed once (:mod:`neox_ray.layers.cpu_gemm`) and drops the plain one; with
+``quantization="int8"`` it calls :meth:`PackableWeight.quantize_for_cpu` instead: an int8 copy quantized per
+output channel of this rank's slice (:mod:`neox_ray.layers.cpu_int8`), exact per-channel under any TP split.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from neox_ray.distributed import all_reduce, tp_rank, tp_world_size
 from neox_ray.layers.activation import get_activation
 from neox_ray.layers.cpu_gemm import pack_weight, packed_linear
+from neox_ray.layers.cpu_int8 import Int8Weight, int8_linear, pack_int8_weight
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -32,10 +35,11 @@ def sharded_parameter(shape: tuple[int, ...], shard_dim: int | None) -> nn.Param
 
 
 class PackableWeight(nn.Module):
-    """A layer whose ``weight`` (out_features, in_features) can be swapped for a packed CPU copy."""
+    """A layer whose ``weight`` (out_features, in_features) can be swapped for a packed (or int8) CPU copy."""
 
     weight: nn.Parameter
     packed_weight: torch.Tensor | None = None
+    int8_weight: Int8Weight | None = None
 
     def pack_for_cpu(self, release_original: bool = True) -> None:
         """Packs ``weight`` for oneDNN; with ``release_original`` the plain weight is replaced by an empty
@@ -44,7 +48,16 @@ class PackableWeight(nn.Module):
         if release_original:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
+    def quantize_for_cpu(self, release_original: bool = True) -> None:
+        """Quantizes ``weight`` to int8 per output channel and packs it for oneDNN; ``release_original`` as in
+        :meth:`pack_for_cpu` (the int8 copy is a quarter of an fp32 weight)."""
+        self.int8_weight = pack_int8_weight(self.weight)
+        if release_original:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+        if self.int8_weight is not None:
+            return int8_linear(x, self.int8_weight, bias, activation)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias, activation)
         out = F.linear(x, self.weight, bias)

@@ -125,13 +125,17 @@ class GPTNeoXForCausalLM(nn.Module):
         """input_ids, positions: (tokens,) -> hidden states (tokens, hidden)."""
         return self.gpt_neox(input_ids, positions, meta)
 
-    def pack_weights_for_cpu(self) -> None:
-        """Swaps every linear weight (and the LM head) for a oneDNN-packed copy; see layers/cpu_gemm.py.
-        A tied LM head keeps its plain weight: the input embedding still reads rows from it."""
+    def pack_weights_for_cpu(self, quantize_int8: bool = False) -> None:
+        """Swaps every linear weight (and the LM head) for a oneDNN-packed copy (layers/cpu_gemm.py), or with
+        ``quantize_int8`` an int8 one (layers/cpu_int8.py). A tied LM head keeps its plain weight: the input
+        embedding still reads rows from it."""
         for module in self.modules():
             if isinstance(module, PackableWeight):
-                module.pack_for_cpu(release_original=not (module is self.embed_out
-                                                          and self.config.tie_word_embeddings))
+                release = not (module is self.embed_out and self.config.tie_word_embeddings)
+                if quantize_int8:
+                    module.quantize_for_cpu(release_original=release)
+                else:
+                    module.pack_for_cpu(release_original=release)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab_size) in float32, gathered over tensor-parallel ranks."""

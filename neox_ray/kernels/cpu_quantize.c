@@ -1,0 +1,74 @@
+/* Dynamic per-tensor activation quantization for the int8 GEMM (see cpu_quantize.py): uint8 values over the
+ * tensor's [min, max] (widened to include 0, so 0 is exact), in two passes over the data (parallel when large):
+ * min/max, then quantize. Rounding is round-half-to-even like torch.round. float32 or bfloat16 input. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t widened = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+static inline float f32_load(const float *x, int64_t i) { return x[i]; }
+static inline float bf16_load(const uint16_t *x, int64_t i) { return bf16_to_float(x[i]); }
+
+/* Below this many elements one thread does it: a parallel region's fork and barrier cost more than the
+ * work (decode-sized activations), and on a busy machine a barrier waits for a descheduled thread. */
+#define PARALLEL_MIN_ELEMENTS 131072
+
+/* scale_out / zero_point_out receive the parameters: x ~= (q - zero_point) * scale. */
+#define DEFINE_QUANTIZE(NAME, TYPE, LOAD)                                                              \
+    static void NAME##_range(const TYPE *x, int64_t n, float *low_out, float *high_out, int threads) {  \
+        float low = 0.0f, high = 0.0f;                                                                 \
+        if (n < PARALLEL_MIN_ELEMENTS || threads < 2) {                                                \
+            _Pragma("omp simd reduction(min:low) reduction(max:high)")                                 \
+            for (int64_t i = 0; i < n; i++) {                                                          \
+                float v = LOAD(x, i);                                                                  \
+                low = v < low ? v : low;                                                               \
+                high = v > high ? v : high;                                                            \
+            }                                                                                          \
+        } else {                                                                                       \
+            _Pragma("omp parallel for simd num_threads(threads) reduction(min:low) reduction(max:high)") \
+            for (int64_t i = 0; i < n; i++) {                                                          \
+                float v = LOAD(x, i);                                                                  \
+                low = v < low ? v : low;                                                               \
+                high = v > high ? v : high;                                                            \
+            }                                                                                          \
+        }                                                                                              \
+        *low_out = low;                                                                                \
+        *high_out = high;                                                                              \
+    }                                                                                                  \
+    static void NAME##_store(const TYPE *x, int64_t begin, int64_t end, uint8_t *out, float inverse,  \
+                             float shift) {                                                            \
+        _Pragma("omp simd")                                                                            \
+        for (int64_t i = begin; i < end; i++) {                                                        \
+            float q = nearbyintf(LOAD(x, i) * inverse + shift);                                        \
+            q = q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q);                                          \
+            out[i] = (uint8_t)q;                                                                       \
+        }                                                                                              \
+    }                                                                                                  \
+    void NAME(const TYPE *x, int64_t n, uint8_t *out, double *scale_out, int64_t *zero_point_out,      \
+              int threads) {                                                                           \
+        float low, high;                                                                               \
+        NAME##_range(x, n, &low, &high, threads);                                                      \
+        double scale = ((double)high - (double)low) / 255.0;                                           \
+        if (scale == 0.0) scale = 1.0;                                                                 \
+        double zero_point = nearbyint(-(double)low / scale);                                           \
+        float inverse = (float)(1.0 / scale), shift = (float)zero_point;                               \
+        if (n < PARALLEL_MIN_ELEMENTS || threads < 2) {                                                \
+            NAME##_store(x, 0, n, out, inverse, shift);                                                \
+        } else {                                                                                       \
+            int64_t chunk = 65536;                                                                     \
+            _Pragma("omp parallel for num_threads(threads) schedule(static)")                          \
+            for (int64_t begin = 0; begin < n; begin += chunk)                                         \
+                NAME##_store(x, begin, begin + chunk < n ? begin + chunk : n, out, inverse, shift);    \
+        }                                                                                              \
+        *scale_out = scale;                                                                            \
+        *zero_point_out = (int64_t)zero_point;                                                         \
+    }
+
+DEFINE_QUANTIZE(quantize_u8_f32, float, f32_load)
+DEFINE_QUANTIZE(quantize_u8_bf16, uint16_t, bf16_load)
