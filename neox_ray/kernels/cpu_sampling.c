@@ -18,6 +18,9 @@
  * hash theirs); penalties and bans are applied to the logits before, by the torch sampler.
  */
 #include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,7 +61,7 @@ static inline float exp_nonpositive(float x) {
 enum { BY_COUNT = 0, BY_MASS = 1 };
 
 #define BUCKETS 1024  /* 10 bits per level: e in [0, 1] has bits <= 0x3F800000, so bits >> 20 < 1024 */
-#define LANES 4       /* level 0 keeps 4 histograms, so runs of tokens in one bucket do not wait on each other */
+#define LANES 8       /* level 0 keeps 8 histograms, so runs of tokens in one bucket do not wait on each other */
 
 /* The mass of the tokens with e >= threshold, in double (float partial sums of 64 tokens). */
 static double mass_at_least(const float* e, int64_t vocab, float threshold) {
@@ -94,7 +97,8 @@ static int crossing_bucket(const double* mass, const int32_t* count, int mode, d
  * `candidates` (scratch of vocab entries), and levels 1 and 2 histogram bits 10-19, then 0-9, of those. */
 static float radix_select(const float* e, int64_t vocab, float floor, int mode, double goal,
                           float* candidates, double* kept_mass) {
-    double lane_mass[LANES][BUCKETS], mass[BUCKETS];
+    float lane_mass[LANES][BUCKETS];  /* float, like torch's scatter_add fallback: ~1e-7 relative per add */
+    double mass[BUCKETS];
     int32_t lane_count[LANES][BUCKETS], count[BUCKETS];
     const uint32_t floor_bits = float_bits(floor);
     double mass_above = 0.0;
@@ -126,8 +130,12 @@ static float radix_select(const float* e, int64_t vocab, float floor, int mode, 
         lane_count[0][bits >> 20] += 1;
     }
     for (int b = 0; b < BUCKETS; ++b) {
-        mass[b] = (lane_mass[0][b] + lane_mass[1][b]) + (lane_mass[2][b] + lane_mass[3][b]);
-        count[b] = lane_count[0][b] + lane_count[1][b] + lane_count[2][b] + lane_count[3][b];
+        mass[b] = 0.0;
+        count[b] = 0;
+        for (int lane = 0; lane < LANES; ++lane) {
+            mass[b] += lane_mass[lane][b];
+            count[b] += lane_count[lane][b];
+        }
     }
     int crossing = crossing_bucket(mass, count, mode, goal, &count_above, &mass_above);
     if (crossing < 0) {
@@ -135,8 +143,19 @@ static float radix_select(const float* e, int64_t vocab, float floor, int mode, 
         return floor;
     }
     uint32_t prefix = (uint32_t)crossing;  /* the high bits every candidate shares */
-    int64_t num_candidates = 0;
-    for (int64_t j = 0; j < vocab; ++j) {  /* branch-free: the crossing bucket may hold most tokens */
+    int64_t num_candidates = 0, j = 0;
+#ifdef __AVX512F__
+    /* 16 tokens at a time: compare, compress the matches in a register, store (candidates has 16 spare) */
+    const __m512i wanted = _mm512_set1_epi32((int)prefix), lowest = _mm512_set1_epi32((int)floor_bits);
+    for (; j + 16 <= vocab; j += 16) {
+        const __m512i bits = _mm512_loadu_si512((const void*)(e + j));
+        const __mmask16 match = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(bits, 20), wanted)
+                              & _mm512_cmpge_epu32_mask(bits, lowest);
+        _mm512_storeu_si512((void*)(candidates + num_candidates), _mm512_maskz_compress_epi32(match, bits));
+        num_candidates += __builtin_popcount((unsigned)match);
+    }
+#endif
+    for (; j < vocab; ++j) {  /* branch-free: the crossing bucket may hold most tokens */
         const uint32_t bits = float_bits(e[j]);
         candidates[num_candidates] = e[j];
         num_candidates += ((bits >> 20) == prefix) & (bits >= floor_bits);
@@ -175,7 +194,7 @@ int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, i
 #pragma omp parallel num_threads(num_threads)
     {
         float* e = (float*)malloc(sizeof(float) * (size_t)(vocab + BLOCK));
-        float* candidates = (float*)malloc(sizeof(float) * (size_t)(vocab + 1));
+        float* candidates = (float*)malloc(sizeof(float) * (size_t)(vocab + 16));
         float* block_mass = (float*)malloc(sizeof(float) * (size_t)(vocab / BLOCK + 2));
         if (!e || !candidates || !block_mass) {
 #pragma omp atomic write
