@@ -59,6 +59,7 @@ from neox_ray.llm import LLM  # noqa: E402
 REFERENCE_OPTIONS: dict[str, Any] = {"dtype": "float32"}
 # "fp32-again" is a control: a second float32 engine must agree with the reference exactly.
 MODE_OPTIONS: dict[str, dict[str, Any]] = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"},
+                                           "int8-bf16": {"quantization": "int8", "dtype": "bfloat16"},
                                            "fp32-again": {"dtype": "float32"}}
 # Prose-heavy module docstrings, in this order; the Zen of Python and heapq's essay open the text.
 TEXT_MODULES = ("heapq", "argparse", "unittest", "doctest", "timeit", "tempfile", "sched", "inspect", "csv",
@@ -218,7 +219,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a checkpoint directory to use instead of --shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", default="bf16,int8", help=f"comma-separated, of {', '.join(MODE_OPTIONS)}")
+    parser.add_argument("--modes", default="bf16,int8,int8-bf16", help=f"comma-separated, of {', '.join(MODE_OPTIONS)}")
     parser.add_argument("--text-tokens", type=int, default=4096, help="tokens of text scored")
     parser.add_argument("--document-tokens", type=int, default=256, help="tokens per scored document")
     parser.add_argument("--prompts", type=int, default=16, help="greedy prompts (prefixes of the documents)")
