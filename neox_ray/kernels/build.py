@@ -1,7 +1,8 @@
 """Compiles and loads the C kernels of this package at first use (``cc``/``gcc``, no build step at install).
 
 Each kernel is one C file, compiled with ``-O3 -march=native -fopenmp`` into ``$NEOX_RAY_KERNEL_CACHE``
-(default ``~/.cache/neox-ray/kernels``), keyed by the source, the flags and the CPU's feature flags, and
+(default ``~/.cache/neox-ray/kernels``), keyed by the source (with the headers beside it, e.g. ``cpu_math.h``),
+the flags and the CPU's feature flags, and
 written atomically so concurrent processes (Ray actors) share one build. It links the OpenMP runtime torch
 already loaded, so kernels run on torch's threads. :func:`load_library` returns None, with one log line,
 when kernels are switched off (``NEOX_RAY_CPU_KERNELS=0``, or false/no/off), no compiler is found, the
@@ -60,7 +61,7 @@ def find_compiler() -> str | None:
 def build(source: Path, compiler: str) -> Path:
     """The shared library built from ``source`` (built now unless the cache has it). Raises RuntimeError
     with the compiler's message when the build fails, OSError when the cache cannot be written."""
-    text = source.read_bytes()
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(text + " ".join((compiler,) + CFLAGS).encode() + cpu_fingerprint().encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_math.h"
+
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = ((uint32_t)x) << 16;
     float f;
@@ -28,27 +30,6 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as to
     if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return (uint16_t)((bits >> 16) | 0x40);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
-}
-
-/* exp(x) for x <= 0 within 2 ulp, 0 below -87.3; a polynomial the compiler vectorises (libm's expf is a
- * scalar call per score). The same as the sampling kernel's. */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x > -87.33654f ? x : -87.33654f;
-    const float n = __builtin_rintf(clamped * 1.44269504088896341f);
-    float r = clamped - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t exponent = (int32_t)n + 127;
-    uint32_t bits = (uint32_t)(exponent > 0 ? exponent : 0) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x > -87.33654f ? p * scale : 0.0f;
 }
 
 #define DEFINE_DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                       \

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_math.h"
+
 #define BLOCK 64
 
 static inline uint32_t float_bits(float f) {
@@ -39,22 +41,17 @@ static inline float bits_float(uint32_t bits) {
     return f;
 }
 
-/* exp(x) for x <= 0, within 2 ulp; below -87.3 (past float's normal range) 0. exp(0) is exactly 1. */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x > -87.33654f ? x : -87.33654f; /* NaN becomes the clamp too */
-    const float n = __builtin_rintf(clamped * 1.44269504088896341f);
-    float r = clamped - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t exponent = (int32_t)n + 127;
-    const float scale = bits_float((uint32_t)(exponent > 0 ? exponent : 0) << 23);
-    return x > -87.33654f ? p * scale : 0.0f;
+/* The largest of x[begin:end] (NaN ignored), and in *nan whether any is NaN: one vectorised pass. */
+static inline float peak_and_nan(const float* x, int64_t begin, int64_t end, int* nan) {
+    float peak = -INFINITY;
+    int any_nan = 0;
+#pragma omp simd reduction(max : peak) reduction(| : any_nan)
+    for (int64_t i = begin; i < end; ++i) {
+        peak = x[i] > peak ? x[i] : peak;
+        any_nan |= x[i] != x[i];
+    }
+    *nan |= any_nan;
+    return peak;
 }
 
 /* What a radix descent looks for, walking buckets from the largest values down. */
@@ -295,12 +292,7 @@ void argmax_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, 
         int nan = 0;
         for (int64_t start = 0; start < vocab; start += BLOCK) {  /* the first block holding the maximum */
             const int64_t end = start + BLOCK < vocab ? start + BLOCK : vocab;
-            float block_peak = -INFINITY;
-#pragma omp simd reduction(max : block_peak) reduction(| : nan)
-            for (int64_t i = start; i < end; ++i) {
-                block_peak = x[i] > block_peak ? x[i] : block_peak;
-                nan |= x[i] != x[i];
-            }
+            const float block_peak = peak_and_nan(x, start, end, &nan);
             if (block_peak > peak) {
                 peak = block_peak;
                 peak_block = start;
@@ -325,13 +317,8 @@ void logsumexp_rows_f32(const float* logits, int64_t row_stride, int64_t num_row
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t row = 0; row < num_rows; ++row) {
         const float* x = logits + row * row_stride;
-        float peak = -INFINITY;
         int nan = 0;
-#pragma omp simd reduction(max : peak) reduction(| : nan)
-        for (int64_t i = 0; i < vocab; ++i) {
-            peak = x[i] > peak ? x[i] : peak;
-            nan |= x[i] != x[i];
-        }
+        const float peak = peak_and_nan(x, 0, vocab, &nan);
         if (nan || !(peak > -INFINITY) || peak == INFINITY) {  /* what torch gives: NaN, -inf, inf */
             out[row] = nan ? NAN : peak;
             continue;

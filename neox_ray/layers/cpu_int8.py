@@ -64,17 +64,7 @@ import torch.nn.functional as F
 
 from neox_ray.kernels import cpu_quantize
 from neox_ray.layers.activation import get_activation
-
-# hidden_act -> (oneDNN int8 post-op, its algorithm); others run as a separate op after the GEMM.
-FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
-    "gelu": ("gelu", "none"),
-    "gelu_new": ("gelu", "tanh"),
-    "gelu_fast": ("gelu", "tanh"),
-    "gelu_pytorch_tanh": ("gelu", "tanh"),
-    "relu": ("relu", ""),
-    "silu": ("swish", ""),
-    "swish": ("swish", ""),
-}
+from neox_ray.layers.cpu_gemm import FUSED_ACTIVATIONS  # the int8 GEMM takes the same post-ops
 
 UNSUPPORTED_MESSAGE = ("quantization int8 needs torch's oneDNN int8 linear (onednn::qlinear_pointwise) working on "
                        "this CPU, and this torch build or CPU lacks it or failed its self-check")

@@ -1,0 +1,30 @@
+/* Inline math shared by the CPU kernels (included by each .c file; kernels/build.py hashes this header into
+ * every kernel's build key, so a change here rebuilds them). */
+#ifndef NEOX_RAY_CPU_MATH_H
+#define NEOX_RAY_CPU_MATH_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* exp(x) for x <= 0 within 2 ulp, 0 below -87.3 (past float's normal range); exp(0) is exactly 1. A
+ * polynomial the compiler vectorises: libm's expf is a scalar call per element. NaN gives 0. */
+static inline float exp_nonpositive(float x) {
+    const float clamped = x > -87.33654f ? x : -87.33654f;
+    const float n = __builtin_rintf(clamped * 1.44269504088896341f);
+    float r = clamped - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t exponent = (int32_t)n + 127;
+    const uint32_t bits = (uint32_t)(exponent > 0 ? exponent : 0) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x > -87.33654f ? p * scale : 0.0f;
+}
+
+#endif
