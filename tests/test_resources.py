@@ -38,6 +38,16 @@ def test_cpu_engine_reserves_no_gpu_even_on_a_gpu_cluster() -> None:
         assert shard_worker_options(config, WITH_GPUS)["num_gpus"] == 0
 
 
+def test_int8_is_a_cpu_mode_auto_device_reserves_no_gpu() -> None:
+    config = engine(quantization="int8")  # device auto
+    assert config.device == "cpu"
+    assert engine_actor_options(config, WITH_GPUS)["num_gpus"] == 0
+    assert all("GPU" not in b for b in shard_group_bundles(engine(quantization="int8", tensor_parallel_size=2),
+                                                          WITH_GPUS))
+    with pytest.raises(ValueError, match="CPU only"):
+        engine(quantization="int8", device="cuda")
+
+
 def test_gpu_engine_reserves_gpus_where_the_model_runs() -> None:
     auto, cuda = engine(), engine(device="cuda")
     assert engine_actor_options(auto, WITH_GPUS) == {"num_cpus": 1.0, "num_gpus": 1.0}

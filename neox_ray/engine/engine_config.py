@@ -78,6 +78,8 @@ class EngineConfig(StrictSettings):
     def _quantization_fits(self) -> EngineConfig:
         if self.quantization == "int8":
             check_int8_device(self.device)
+            if self.device == "auto":  # int8 is a CPU mode: auto means the CPU (and no GPU is reserved for it)
+                self.device = "cpu"
             if self.dtype in ("float16", "fp16"):
                 raise ValueError(f"quantization int8 takes dtype float32 or bfloat16 activations, not {self.dtype}")
         return self
