@@ -58,18 +58,20 @@ def find_compiler() -> str | None:
     return None
 
 
-def build(source: Path, compiler: str) -> Path:
-    """The shared library built from ``source`` (built now unless the cache has it). Raises RuntimeError
-    with the compiler's message when the build fails, OSError when the cache cannot be written."""
+def build(source: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """The shared library built from ``source`` with ``CFLAGS`` and ``extra_flags`` (built now unless the
+    cache has it). Raises RuntimeError with the compiler's message when the build fails, OSError when the
+    cache cannot be written."""
+    flags = CFLAGS + extra_flags
     text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    key = hashlib.sha256(text + " ".join((compiler,) + CFLAGS).encode() + cpu_fingerprint().encode())
+    key = hashlib.sha256(text + " ".join((compiler,) + flags).encode() + cpu_fingerprint().encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built), "-lm"],
+        result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build {source.name}: {result.stderr.strip()[-2000:]}")
@@ -77,7 +79,7 @@ def build(source: Path, compiler: str) -> Path:
     return target
 
 
-def load_library(source: Path, what: str, fallback: str) -> ctypes.CDLL | None:
+def load_library(source: Path, what: str, fallback: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Builds (or finds) and loads ``source``; None when that is not possible. ``what`` names the kernel
     and ``fallback`` what runs instead, for the log line."""
     if not kernels_enabled():
@@ -87,7 +89,7 @@ def load_library(source: Path, what: str, fallback: str) -> ctypes.CDLL | None:
         logger.info("no C compiler found: %s uses %s", what, fallback)
         return None
     try:
-        return ctypes.CDLL(str(build(source, compiler)))
+        return ctypes.CDLL(str(build(source, compiler, extra_flags)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("%s unavailable, using %s: %s", what, fallback, error)
         return None
