@@ -22,7 +22,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,14 @@ def build(source: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> Pat
     return target
 
 
-def load_library(source: Path, what: str, fallback: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """Builds (or finds) and loads ``source``; None when that is not possible. ``what`` names the kernel
-    and ``fallback`` what runs instead, for the log line."""
+# A C function's ctypes signature: (argument types, return type or None for void).
+Signature = tuple[Sequence[Any], Any]
+
+
+def load_library(source: Path, what: str, fallback: str, signatures: Mapping[str, Signature],
+                 extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Builds (or finds) and loads ``source`` and declares the ``signatures`` of its functions; None when
+    that is not possible. ``what`` names the kernel and ``fallback`` what runs instead, for the log line."""
     if not kernels_enabled():
         return None
     compiler = find_compiler()
@@ -89,7 +96,11 @@ def load_library(source: Path, what: str, fallback: str, extra_flags: tuple[str,
         logger.info("no C compiler found: %s uses %s", what, fallback)
         return None
     try:
-        return ctypes.CDLL(str(build(source, compiler, extra_flags)))
+        library = ctypes.CDLL(str(build(source, compiler, extra_flags)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("%s unavailable, using %s: %s", what, fallback, error)
         return None
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = list(argtypes), restype
+    return library

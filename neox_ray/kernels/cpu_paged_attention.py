@@ -34,13 +34,8 @@ _compiler = find_compiler  # kept under this name for tests that ask whether a b
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE, "CPU attention kernel", "torch SDPA per sequence (slower)")
-    if library is None:
-        return None
-    for name in _FUNCTIONS.values():
-        function = getattr(library, name)
-        function.argtypes, function.restype = _ARGTYPES, ctypes.c_int
-    return library
+    return load_library(SOURCE, "CPU attention kernel", "torch SDPA per sequence (slower)",
+                        {name: (_ARGTYPES, ctypes.c_int) for name in _FUNCTIONS.values()})
 
 
 def available(dtype: torch.dtype) -> bool:

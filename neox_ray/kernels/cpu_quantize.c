@@ -16,7 +16,9 @@ static inline float f32_load(const float *x, int64_t i) { return x[i]; }
 static inline float bf16_load(const uint16_t *x, int64_t i) { return bf16_to_float(x[i]); }
 
 /* Below this many elements one thread does it: a parallel region's fork and barrier cost more than the
- * work (decode-sized activations), and on a busy machine a barrier waits for a descheduled thread. */
+ * work (decode-sized activations), and on a busy machine a barrier waits for a descheduled thread. The
+ * loops below are written out twice on purpose: an `if(...)` clause on one `omp parallel` pragma instead
+ * measured 40 us vs 16 us for a 48 x 512 activation (the serialized region is not free). */
 #define PARALLEL_MIN_ELEMENTS 131072
 
 /* scale_out / zero_point_out receive the parameters: x ~= (q - zero_point) * scale. */

@@ -27,13 +27,8 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE, "CPU quantizer kernel", "torch ops for int8 activations (slower)")
-    if library is None:
-        return None
-    for name in _FUNCTIONS.values():
-        function = getattr(library, name)
-        function.argtypes, function.restype = _ARGTYPES, None
-    return library
+    return load_library(SOURCE, "CPU quantizer kernel", "torch ops for int8 activations (slower)",
+                        {name: (_ARGTYPES, None) for name in _FUNCTIONS.values()})
 
 
 def available(dtype: torch.dtype) -> bool:

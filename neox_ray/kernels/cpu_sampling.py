@@ -19,29 +19,27 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from neox_ray.kernels.build import load_library
+from neox_ray.kernels.build import Signature, load_library
 
 SOURCE = Path(__file__).with_name("cpu_sampling.c")
 _INT64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES: list[Any] = [_PTR, _INT64, _INT64, _INT64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+_ROWS = [_PTR, _INT64, _INT64, _INT64, _PTR, ctypes.c_int]  # logits, row stride, rows, vocab, out, threads
+_SIGNATURES: dict[str, Signature] = {
+    "sample_rows_f32": ([_PTR, _INT64, _INT64, _INT64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int],
+                        ctypes.c_int),
+    "argmax_rows_f32": (_ROWS, None),
+    "logsumexp_rows_f32": (_ROWS, None),
+}
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     # 512-bit vectors: the exp and threshold passes run ~10 % faster per row here than with gcc's 256-bit default
-    library = load_library(SOURCE, "CPU sampling kernel", "the torch sampler (slower)",
-                           extra_flags=("-mprefer-vector-width=512",))
-    if library is not None:
-        library.sample_rows_f32.argtypes, library.sample_rows_f32.restype = _ARGTYPES, ctypes.c_int
-        library.argmax_rows_f32.argtypes = [_PTR, _INT64, _INT64, _INT64, _PTR, ctypes.c_int]
-        library.argmax_rows_f32.restype = None
-        library.logsumexp_rows_f32.argtypes = [_PTR, _INT64, _INT64, _INT64, _PTR, ctypes.c_int]
-        library.logsumexp_rows_f32.restype = None
-    return library
+    return load_library(SOURCE, "CPU sampling kernel", "the torch sampler (slower)", _SIGNATURES,
+                        extra_flags=("-mprefer-vector-width=512",))
 
 
 def available() -> bool:
