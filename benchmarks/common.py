@@ -6,6 +6,7 @@ not the weights. Weights are random (no model hub here); token ids are drawn dir
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import time
@@ -26,6 +27,22 @@ def checkpoint(shape: str, root: str | None = None, dtype: torch.dtype = torch.f
         tokenizer = REAL_TOKENIZER if REAL_TOKENIZER.exists() else None
         create_demo_checkpoint(directory, shape=shape, seed=0, tokenizer_json=tokenizer, dtype=dtype)
     return directory
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, shape: str) -> None:
+    """The options every engine benchmark takes: which random-weight shape, where, in what dtype, on how
+    many threads."""
+    parser.add_argument("--shape", default=shape)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def prepare_model(args: argparse.Namespace) -> Path:
+    """Sets torch's threads and returns the checkpoint for ``add_model_arguments``' options (float32 weights
+    on CPU, where the engine casts at load; the benchmark dtype on GPU)."""
+    torch.set_num_threads(args.threads)
+    return checkpoint(args.shape, dtype=torch.float32 if args.device == "cpu" else getattr(torch, args.dtype))
 
 
 def workload(num_prompts: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int], vocab: int = 50000,

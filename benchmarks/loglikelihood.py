@@ -19,10 +19,8 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import checkpoint, timed  # noqa: E402
+from common import add_model_arguments, prepare_model, timed  # noqa: E402
 
 
 def multiple_choice(num_questions: int, context_len: int, choices: int, choice_len: tuple[int, int],
@@ -38,18 +36,13 @@ def multiple_choice(num_questions: int, context_len: int, choices: int, choice_l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="pythia-160m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser, "pythia-160m")
     parser.add_argument("--num-questions", type=int, default=16)
     parser.add_argument("--context-len", type=int, default=384)
     parser.add_argument("--choices", type=int, default=4)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    model_dir = checkpoint(args.shape, dtype=torch.float32 if args.device == "cpu" else dtype)
+    model_dir = prepare_model(args)
     vocab = min(50000, json.loads((model_dir / "config.json").read_text())["vocab_size"])
     pairs = multiple_choice(args.num_questions, args.context_len, args.choices, (2, 12), vocab=vocab)
     context_tokens = sum(len(c) for c, _ in pairs)

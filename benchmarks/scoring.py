@@ -18,23 +18,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import checkpoint, timed, workload  # noqa: E402
+from common import add_model_arguments, prepare_model, timed, workload  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="pythia-160m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser, "pythia-160m")
     parser.add_argument("--num-docs", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=768)
     parser.add_argument("--hf-batch-size", type=int, default=8)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model_dir = checkpoint(args.shape, dtype=torch.float32 if args.device == "cpu" else dtype)
+    model_dir = prepare_model(args)
     docs = [tokens for tokens, _ in workload(args.num_docs, (args.min_len, args.max_len), (1, 1), seed=1)]
     total_tokens = sum(len(d) for d in docs)
     print(f"{len(docs)} documents, {total_tokens} tokens; {args.shape} {args.dtype} on {args.device}")

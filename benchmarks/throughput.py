@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import checkpoint, measure_physical_limits, parameter_counts, timed, workload  # noqa: E402
+from common import (  # noqa: E402
+    add_model_arguments,
+    measure_physical_limits,
+    parameter_counts,
+    prepare_model,
+    timed,
+    workload,
+)
 
 
 def run_neox_ray(model_dir: Path, jobs, args) -> int:
@@ -92,10 +99,7 @@ def run_transformers(model_dir: Path, jobs, args) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="pythia-160m")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser, "pythia-160m")
     parser.add_argument("--num-prompts", type=int, default=96)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=96)
@@ -104,9 +108,7 @@ def main() -> None:
     parser.add_argument("--physical-limits", action="store_true",
                         help="also measure matmul peak and memory bandwidth here and print the fractions reached")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    model_dir = checkpoint(args.shape, dtype=torch.float32 if args.device == "cpu" else dtype)
+    model_dir = prepare_model(args)
     jobs = workload(args.num_prompts, (16, 256), (16, 128))
     print(f"{args.num_prompts} prompts, {sum(len(p) for p, _ in jobs)} prompt tokens, "
           f"{sum(m for _, m in jobs)} requested tokens; {args.shape} {args.dtype} on {args.device} "
