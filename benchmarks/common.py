@@ -52,6 +52,20 @@ def workload(num_prompts: int, prompt_len: tuple[int, int], max_tokens: tuple[in
             for _ in range(num_prompts)]
 
 
+def hf_generate_batch(model, batch: list[tuple[list[int], int]], device: str = "cpu", **options) -> int:
+    """One batch through transformers ``generate`` as its users run it: left padded, every row to the batch's
+    longest ``max_tokens`` (``options`` add e.g. sampling). Returns the batch's useful (requested) tokens."""
+    width = max(len(prompt) for prompt, _ in batch)
+    ids = torch.tensor([[0] * (width - len(prompt)) + prompt for prompt, _ in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt, _ in batch], device=device)
+    longest = max(max_tokens for _, max_tokens in batch)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                             pad_token_id=0, **options)
+    assert out.shape[1] == width + longest, "every row must run to the batch's longest max_tokens"
+    return sum(max_tokens for _, max_tokens in batch)
+
+
 @contextmanager
 def timed(label: str, results: dict[str, float]):
     start = time.perf_counter()

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import checkpoint, workload  # noqa: E402
+from common import checkpoint, hf_generate_batch, workload  # noqa: E402
 from peers import PeerUnavailable, process_peak_rss_mib  # noqa: E402
 
 PROMPT_LEN = (16, 128)
@@ -95,20 +95,10 @@ def run_hf(model_dir: Path, jobs: list[tuple[list[int], int]], sampled: bool) ->
     options: dict[str, Any] = (dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0) if sampled
                                else dict(do_sample=False))
 
-    def generate(batch: list[tuple[list[int], int]]) -> None:
-        width = max(len(prompt) for prompt, _ in batch)
-        ids = torch.tensor([[0] * (width - len(prompt)) + prompt for prompt, _ in batch])
-        mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt, _ in batch])
-        longest = max(max_tokens for _, max_tokens in batch)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                                 min_new_tokens=longest, pad_token_id=0, **options)
-        assert out.shape[1] == width + longest, "every row must run to the batch's longest max_tokens"
-
-    generate([([11] * 16, 4)])  # warm-up
+    hf_generate_batch(model, [([11] * 16, 4)], **options)  # warm-up
     start = time.perf_counter()
     for first in range(0, len(jobs), HF_BATCH_SIZE):
-        generate(jobs[first:first + HF_BATCH_SIZE])
+        hf_generate_batch(model, jobs[first:first + HF_BATCH_SIZE], **options)
     return sum(max_tokens for _, max_tokens in jobs), time.perf_counter() - start, f"batches of {HF_BATCH_SIZE}"
 
 

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_model_arguments,
+    hf_generate_batch,
     measure_physical_limits,
     parameter_counts,
     prepare_model,
@@ -85,15 +86,7 @@ def run_transformers(model_dir: Path, jobs, args) -> tuple[int, float]:
     useful = 0
     with timed("transformers generate", results):
         for start in range(0, len(jobs), args.hf_batch_size):
-            batch = jobs[start:start + args.hf_batch_size]
-            width = max(len(p) for p, _ in batch)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=args.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=args.device)
-            longest = max(m for _, m in batch)
-            with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                               do_sample=False, pad_token_id=0)
-            useful += sum(m for _, m in batch)
+            useful += hf_generate_batch(model, jobs[start:start + args.hf_batch_size], args.device, do_sample=False)
     return useful, results["transformers generate"]
 
 
