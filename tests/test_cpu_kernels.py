@@ -1,8 +1,10 @@
 """The CPU fast paths against the plain torch ones they replace: oneDNN-packed linears (with the fused
-activation) and the C paged decode-attention kernel; plus the fallback when the kernel is switched off."""
+activation), the C paged decode-attention kernel (and its portable build) and the fused QKV split + rotary
+kernel; plus the fallback when the kernels are switched off."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -16,9 +18,12 @@ import torch.nn.functional as F
 from checkpoints import VARIANTS, load_hf_model
 from test_model import LENGTHS, packed_logits, random_batch, reference_logits
 
+from neox_ray.config import ModelConfig, RopeConfig
 from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
-from neox_ray.kernels import cpu_paged_attention
+from neox_ray.kernels import cpu_paged_attention, cpu_rotary
+from neox_ray.layers.attention import AttentionMetadata
 from neox_ray.layers.cpu_gemm import FUSED_ACTIVATIONS, pack_weight, packed_linear, packing_supported
+from neox_ray.layers.rotary import RotaryEmbedding
 from neox_ray.loader import load_model
 
 needs_packing = pytest.mark.skipif(not packing_supported(torch.float32), reason="torch was built without oneDNN")
@@ -94,14 +99,53 @@ def _reference(query, key_cache, value_cache, tables, lens, scale) -> torch.Tens
     return torch.stack(rows)
 
 
+# (num_seqs, heads, head_dim, block_size, max_len): head sizes with an unrolled AVX-512 copy (16..256) and
+# without (24: the portable loop), blocks shorter and longer than the kernel's 16-position tile, contexts of
+# many tiles (the online softmax rescales its running sums whenever a later tile holds a larger score).
+ATTENTION_PROBLEMS = [(1, 4, 16, 4, 70), (3, 2, 80, 16, 70), (37, 12, 64, 16, 70), (5, 3, 32, 1, 70),
+                      (4, 3, 24, 16, 70), (3, 2, 64, 48, 300), (2, 2, 256, 16, 100), (6, 4, 128, 32, 200)]
+
+
 @needs_kernel
-@pytest.mark.parametrize("num_seqs,heads,head_dim,block_size", [(1, 4, 16, 4), (3, 2, 80, 16), (37, 12, 64, 16),
-                                                                 (5, 3, 32, 1)])
-def test_kernel_equals_softmax_attention(num_seqs: int, heads: int, head_dim: int, block_size: int) -> None:
-    problem = _random_paged_problem(num_seqs, heads, head_dim, block_size, max_len=70, dtype=torch.float32)
+@pytest.mark.parametrize("num_seqs,heads,head_dim,block_size,max_len", ATTENTION_PROBLEMS)
+def test_kernel_equals_softmax_attention(num_seqs: int, heads: int, head_dim: int, block_size: int,
+                                         max_len: int) -> None:
+    problem = _random_paged_problem(num_seqs, heads, head_dim, block_size, max_len=max_len, dtype=torch.float32)
     scale = 1 / math.sqrt(head_dim)
     got = cpu_paged_attention.decode_attention(*problem, scale)
     torch.testing.assert_close(got.double(), _reference(*problem, scale), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_with_peaked_scores_late_in_the_context() -> None:
+    """Scores rising along the context (each tile's maximum beats the last) and one dominant key: the
+    running max and sum are rescaled many times and must still give softmax's weights."""
+    query, key_cache, value_cache, tables, lens = _random_paged_problem(3, 2, 64, 16, 200, torch.float32, seed=3)
+    ramp = torch.linspace(0, 6, key_cache.shape[0] * key_cache.shape[1]).view(key_cache.shape[0], -1, 1, 1)
+    key_cache = (key_cache * ramp).contiguous()
+    got = cpu_paged_attention.decode_attention(query, key_cache, value_cache, tables, lens, 1.0)
+    torch.testing.assert_close(got.double(), _reference(query, key_cache, value_cache, tables, lens, 1.0),
+                               atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_kernel_build_gives_the_same_results(dtype: torch.dtype, monkeypatch) -> None:
+    """The loop every CPU runs when the AVX-512 copies are not compiled in (built here without AVX-512)."""
+    from neox_ray.kernels.build import load_library
+    portable = load_library(cpu_paged_attention.SOURCE, "portable attention kernel", "nothing",
+                            {name: (cpu_paged_attention._ARGTYPES, ctypes.c_int)
+                             for name in cpu_paged_attention._FUNCTIONS.values()}, extra_flags=("-mno-avx512f",))
+    if portable is None:
+        pytest.skip("the compiler cannot build without AVX-512 here")
+    problem = _random_paged_problem(6, 3, 64, 16, 120, dtype, seed=4)
+    fast = cpu_paged_attention.decode_attention(*problem, 0.125)
+    monkeypatch.setattr(cpu_paged_attention, "_library", lambda: portable)
+    slow = cpu_paged_attention.decode_attention(*problem, 0.125)
+    tolerance = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(slow.double(), fast.double(), **tolerance)
+    torch.testing.assert_close(slow.double(), _reference(*problem, 0.125), **(tolerance if dtype == torch.float32
+                                                                               else {"atol": 2e-2, "rtol": 1e-2}))
 
 
 @needs_kernel
@@ -126,6 +170,52 @@ def test_kernel_rejects_inconsistent_inputs() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         cpu_paged_attention.decode_attention(query, key_cache.transpose(0, 1), value_cache.transpose(0, 1),
                                              tables, lens, 1.0)
+
+
+@needs_kernel
+def test_attention_metadata_checks_the_tables_once_for_every_layer() -> None:
+    """The runner's metadata checks the decode tables against the cache once per step and every layer's
+    kernel call then skips the check; without the cache size the kernel call still checks."""
+    _, key_cache, _, tables, lens = _random_paged_problem(4, 2, 16, 4, 20, torch.float32)
+    starts = list(range(len(lens) + 1))
+    def metadata(block_tables: torch.Tensor, num_cache_blocks: int | None) -> AttentionMetadata:
+        return AttentionMetadata(query_start_loc=starts, context_lens=lens.tolist(),
+                                 slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+                                 block_tables=block_tables).to(torch.device("cpu"), 4, "kernel", num_cache_blocks)
+    assert metadata(tables, key_cache.shape[0]).decode_tables_checked
+    assert not metadata(tables, None).decode_tables_checked
+    bad_tables = tables.clone()
+    bad_tables[1, 0] = key_cache.shape[0]
+    with pytest.raises(ValueError, match="outside the cache"):
+        metadata(bad_tables, key_cache.shape[0])
+
+
+# ---- fused QKV split + rotary ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,heads,head_dim,rotary_dim", [(5, 4, 64, 16), (300, 3, 80, 20), (1, 2, 32, 32),
+                                                              (7, 2, 16, 2)])
+def test_rotary_kernel_equals_the_torch_rotation_bit_for_bit(dtype: torch.dtype, tokens: int, heads: int,
+                                                             head_dim: int, rotary_dim: int) -> None:
+    if cpu_rotary._library() is None:
+        pytest.skip("the CPU rotary kernel did not build here (no C compiler)")
+    generator = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, 3 * heads * head_dim + 5, generator=generator).to(dtype)[:, 5:]  # a strided view
+    qkv = qkv.view(tokens, heads, 3, head_dim)
+    angles = torch.randn(tokens, rotary_dim // 2, generator=generator) * 50
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    cos_sin = (angles.cos(), angles.sin())
+    rotary = RotaryEmbedding(ModelConfig(vocab_size=8, hidden_size=heads * head_dim, num_hidden_layers=1,
+                                         num_attention_heads=heads, intermediate_size=8,
+                                         rope=RopeConfig(partial_rotary_factor=rotary_dim / head_dim)))
+    assert rotary.rotary_dim == rotary_dim
+    got = cpu_rotary.rotate_split(qkv, *cos_sin, rotary_dim)
+    assert got is not None
+    query, key, value = qkv.unbind(dim=2)
+    want = (*rotary.rotate_query_key(query, key, cos_sin), value)
+    for got_part, want_part in zip(got, want, strict=True):
+        assert got_part.is_contiguous() and got_part.dtype == dtype
+        assert torch.equal(got_part, want_part)
+    assert cpu_rotary.rotate_split(qkv.half(), *cos_sin, rotary_dim) is None  # float16: the torch path runs
 
 
 @pytest.mark.slow

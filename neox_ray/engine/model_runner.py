@@ -149,8 +149,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=starts, context_lens=context_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=device)).to(device, block_size,
-                                                                                 self.decode_path)
+            block_tables=torch.tensor(tables, dtype=torch.long, device=device)).to(
+                device, block_size, self.decode_path, num_cache_blocks=self.num_kv_blocks)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=device),
                             torch.tensor(positions, dtype=torch.long, device=device), meta)
 

@@ -32,82 +32,227 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as to
     return (uint16_t)(bits >> 16);
 }
 
-#define DEFINE_DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                       \
-int NAME(const T* query, int64_t query_row_stride, const T* key_cache, const T* value_cache,                \
-         const int64_t* block_tables, int64_t block_table_stride, const int64_t* context_lens,              \
-         int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size, float scale,            \
-         T* out, int64_t out_row_stride, int64_t head_groups, int num_threads) {                            \
-    int64_t max_len = 0;                                                                                    \
-    for (int64_t s = 0; s < num_seqs; ++s) max_len = context_lens[s] > max_len ? context_lens[s] : max_len;\
-    const int64_t heads_per_group = (num_heads + head_groups - 1) / head_groups;                            \
-    const int64_t slot_stride = num_heads * head_dim;                                                       \
-    int failed = 0;                                                                                         \
-    _Pragma("omp parallel num_threads(num_threads)")                                                        \
-    {                                                                                                       \
-        float* scores = (float*)malloc(sizeof(float) * (size_t)(heads_per_group * (max_len > 0 ? max_len : 1))); \
-        float* acc = (float*)malloc(sizeof(float) * (size_t)(heads_per_group * head_dim));                  \
-        float* q = (float*)malloc(sizeof(float) * (size_t)(heads_per_group * head_dim));                    \
-        if (!scores || !acc || !q) {                                                                        \
-            _Pragma("omp atomic write") failed = 1;                                                         \
-        }                                                                                                   \
-        _Pragma("omp for schedule(dynamic, 1)")                                                             \
-        for (int64_t item = 0; item < num_seqs * head_groups; ++item) {                                     \
-            if (!scores || !acc || !q) continue;                                                            \
-            const int64_t s = item / head_groups;                                                           \
-            const int64_t h0 = (item % head_groups) * heads_per_group;                                      \
-            const int64_t h1 = h0 + heads_per_group < num_heads ? h0 + heads_per_group : num_heads;         \
-            const int64_t nh = h1 - h0;                                                                     \
-            if (nh <= 0) continue;                                                                          \
-            const int64_t len = context_lens[s];                                                            \
-            const int64_t* table = block_tables + s * block_table_stride;                                   \
-            const T* q_row = query + s * query_row_stride + h0 * head_dim;                                  \
-            for (int64_t i = 0; i < nh * head_dim; ++i) q[i] = LOAD(q_row[i]) * scale;                      \
-            for (int64_t p = 0; p < len; ++p) {                                                             \
+/* Positions are visited block by block (no division per position) in tiles of at most TILE positions. Each
+ * (sequence, head) keeps an online softmax (running max, running sum, float32 accumulator, rescaled when the
+ * max grows), so one pass reads every cached key and value row once, keys and values of a tile together. */
+#define TILE 16
+#ifndef PREFETCH_POSITIONS
+#define PREFETCH_POSITIONS 16
+#endif
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+static inline __m512 exp_nonpositive16(__m512 x) {  /* exp_nonpositive() of cpu_math.h, 16 lanes at a time */
+    const __m512 low = _mm512_set1_ps(-87.33654f);
+    const __mmask16 in_range = _mm512_cmp_ps_mask(x, low, _CMP_GT_OQ);
+    const __m512 clamped = _mm512_max_ps(x, low);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    exponent = _mm512_max_epi32(exponent, _mm512_setzero_si512());
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+    return _mm512_maskz_mul_ps(in_range, p, scale);
+}
+
+/* One sequence, heads [0, nh) of q / out (q already scaled, float32), over its whole context. Tiles are
+ * visited in order and, inside a tile, head after head: the tile's rows (all of this item's heads) are
+ * prefetched one tile ahead, so the strided per-head reads hit cache. Each head keeps its online-softmax
+ * state (max, sum, accumulator) in `state` between tiles. CHUNKS = head_dim / 16 (a constant after
+ * inlining, so the loops unroll and a head's accumulator lives in registers within a tile). */
+#define DEFINE_SEQUENCE_AVX512(NAME, T, LOAD16)                                                             \
+static inline __attribute__((always_inline)) void NAME(                                                     \
+        const float* q, const T* key_cache, const T* value_cache, const int64_t* table, int64_t len,       \
+        int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t nh, const int chunks,        \
+        float* state, float* out) {                                                                        \
+    const int64_t head_dim = 16 * chunks;                                                                   \
+    float* running_max = state;                                                                             \
+    float* running_sum = state + nh;                                                                        \
+    float* accumulators = state + 2 * nh;                                                                   \
+    for (int64_t h = 0; h < nh; ++h) { running_max[h] = -INFINITY; running_sum[h] = 0.0f; }                 \
+    memset(accumulators, 0, sizeof(float) * (size_t)(nh * head_dim));                                      \
+    const int64_t row_bytes = nh * head_dim * (int64_t)sizeof(T);                                           \
+    for (int64_t first = 0; first < len; first += block_size) {                                             \
+        const int64_t base = table[first / block_size] * block_size;                                        \
+        const int64_t in_block = len - first < block_size ? len - first : block_size;                       \
+        for (int64_t t0 = 0; t0 < in_block; t0 += TILE) {                                                   \
+            const int n = (int)(in_block - t0 < TILE ? in_block - t0 : TILE);                               \
+            const int64_t ahead = first + t0 + PREFETCH_POSITIONS;                                          \
+            for (int64_t p = ahead; p < ahead + n && p < len; ++p) {                                        \
                 const int64_t slot = table[p / block_size] * block_size + p % block_size;                   \
-                const T* k_row = key_cache + slot * slot_stride + h0 * head_dim;                            \
-                for (int64_t h = 0; h < nh; ++h) {                                                          \
-                    const T* k = k_row + h * head_dim;                                                      \
-                    const float* qh = q + h * head_dim;                                                     \
-                    float dot = 0.0f;                                                                       \
-                    _Pragma("omp simd reduction(+:dot)")                                                    \
-                    for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * LOAD(k[d]);                       \
-                    scores[h * len + p] = dot;                                                              \
+                const char* k_next = (const char*)(key_cache + slot * slot_stride + head_offset);           \
+                const char* v_next = (const char*)(value_cache + slot * slot_stride + head_offset);         \
+                for (int64_t byte = 0; byte < row_bytes; byte += 64) {                                      \
+                    _mm_prefetch(k_next + byte, _MM_HINT_T0);                                               \
+                    _mm_prefetch(v_next + byte, _MM_HINT_T0);                                               \
                 }                                                                                           \
             }                                                                                               \
+            const __mmask16 valid = (__mmask16)((1u << n) - 1u);                                            \
             for (int64_t h = 0; h < nh; ++h) {                                                              \
-                float* row = scores + h * len;                                                              \
-                float m = -INFINITY;                                                                        \
-                _Pragma("omp simd reduction(max:m)")                                                        \
-                for (int64_t p = 0; p < len; ++p) m = row[p] > m ? row[p] : m;                              \
-                float total = 0.0f;                                                                         \
-                _Pragma("omp simd reduction(+:total)")                                                      \
-                for (int64_t p = 0; p < len; ++p) { row[p] = exp_nonpositive(row[p] - m); total += row[p]; } \
-                const float inv = 1.0f / total;                                                             \
-                for (int64_t p = 0; p < len; ++p) row[p] *= inv;                                            \
-            }                                                                                               \
-            memset(acc, 0, sizeof(float) * (size_t)(nh * head_dim));                                       \
-            for (int64_t p = 0; p < len; ++p) {                                                             \
-                const int64_t slot = table[p / block_size] * block_size + p % block_size;                   \
-                const T* v_row = value_cache + slot * slot_stride + h0 * head_dim;                          \
-                for (int64_t h = 0; h < nh; ++h) {                                                          \
-                    const float w = scores[h * len + p];                                                    \
-                    const T* v = v_row + h * head_dim;                                                      \
-                    float* a = acc + h * head_dim;                                                          \
-                    _Pragma("omp simd")                                                                     \
-                    for (int64_t d = 0; d < head_dim; ++d) a[d] += w * LOAD(v[d]);                          \
+                const T* k = key_cache + (base + t0) * slot_stride + head_offset + h * head_dim;            \
+                const T* v = value_cache + (base + t0) * slot_stride + head_offset + h * head_dim;          \
+                const float* qh = q + h * head_dim;                                                         \
+                float* acc_h = accumulators + h * head_dim;                                                 \
+                __m512 qv[16], acc[16];                                                                     \
+                for (int c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);                      \
+                __m512 s = _mm512_set1_ps(-INFINITY);                                                       \
+                for (int i = 0; i < n; ++i) {                                                               \
+                    __m512 dot = _mm512_mul_ps(qv[0], LOAD16(k + i * slot_stride));                        \
+                    for (int c = 1; c < chunks; ++c)                                                        \
+                        dot = _mm512_fmadd_ps(qv[c], LOAD16(k + i * slot_stride + 16 * c), dot);            \
+                    s = _mm512_mask_mov_ps(s, (__mmask16)(1u << i), _mm512_set1_ps(_mm512_reduce_add_ps(dot))); \
                 }                                                                                           \
+                const float tile_max = _mm512_reduce_max_ps(s);                                             \
+                float m = running_max[h], total = running_sum[h];                                           \
+                for (int c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(acc_h + 16 * c);                  \
+                if (tile_max > m) {                                                                         \
+                    const float correction = exp_nonpositive(m - tile_max);                                 \
+                    const __m512 cv = _mm512_set1_ps(correction);                                           \
+                    for (int c = 0; c < chunks; ++c) acc[c] = _mm512_mul_ps(acc[c], cv);                    \
+                    total *= correction;                                                                    \
+                    m = tile_max;                                                                           \
+                }                                                                                           \
+                const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive16(_mm512_sub_ps(s, _mm512_set1_ps(m)))); \
+                total += _mm512_reduce_add_ps(w);                                                           \
+                for (int i = 0; i < n; ++i) {                                                               \
+                    const __m512 wi = _mm512_permutexvar_ps(_mm512_set1_epi32(i), w);                       \
+                    for (int c = 0; c < chunks; ++c)                                                        \
+                        acc[c] = _mm512_fmadd_ps(wi, LOAD16(v + i * slot_stride + 16 * c), acc[c]);         \
+                }                                                                                           \
+                for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc_h + 16 * c, acc[c]);                  \
+                running_max[h] = m;                                                                         \
+                running_sum[h] = total;                                                                     \
             }                                                                                               \
-            T* o = out + s * out_row_stride + h0 * head_dim;                                                \
-            for (int64_t i = 0; i < nh * head_dim; ++i) o[i] = STORE(acc[i]);                               \
         }                                                                                                   \
-        free(scores);                                                                                       \
-        free(acc);                                                                                          \
-        free(q);                                                                                            \
     }                                                                                                       \
-    return failed ? -1 : 0;                                                                                 \
+    for (int64_t h = 0; h < nh; ++h) {                                                                      \
+        const __m512 inv = _mm512_set1_ps(1.0f / running_sum[h]);                                           \
+        for (int c = 0; c < chunks; ++c)                                                                    \
+            _mm512_storeu_ps(out + h * head_dim + 16 * c,                                                   \
+                             _mm512_mul_ps(_mm512_loadu_ps(accumulators + h * head_dim + 16 * c), inv));    \
+    }                                                                                                       \
+}
+
+DEFINE_SEQUENCE_AVX512(sequence_avx512_f32, float, load16_f32)
+DEFINE_SEQUENCE_AVX512(sequence_avx512_bf16, uint16_t, load16_bf16)
+
+/* Dispatches to a copy unrolled for the head size; 0 when there is none (the portable loop runs then). */
+#define DEFINE_SEQUENCE_DISPATCH(NAME, T, BODY)                                                             \
+static int NAME(const float* q, const T* key_cache, const T* value_cache, const int64_t* table, int64_t len, \
+                int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t nh, int64_t head_dim, \
+                float* state, float* out) {                                                                 \
+    switch (head_dim) {                                                                                     \
+    case 16: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 1, state, out); return 1;  \
+    case 32: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 2, state, out); return 1;  \
+    case 64: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 4, state, out); return 1;  \
+    case 80: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 5, state, out); return 1;  \
+    case 96: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 6, state, out); return 1;  \
+    case 128: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 8, state, out); return 1; \
+    case 256: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 16, state, out); return 1;\
+    default: return 0;                                                                                      \
+    }                                                                                                       \
+}
+
+DEFINE_SEQUENCE_DISPATCH(sequence_fast_f32, float, sequence_avx512_f32)
+DEFINE_SEQUENCE_DISPATCH(sequence_fast_bf16, uint16_t, sequence_avx512_bf16)
+#else
+#define sequence_fast_f32(...) 0
+#define sequence_fast_bf16(...) 0
+#endif
+
+/* The portable loop (any head size, any CPU): the same online softmax, one position at a time. */
+#define DEFINE_HEAD_PORTABLE(NAME, T, LOAD)                                                                 \
+static void NAME(const float* q, const T* key_cache, const T* value_cache, const int64_t* table, int64_t len, \
+                 int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t head_dim, float* acc) { \
+    float running_max = -INFINITY, running_sum = 0.0f;                                                      \
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] = 0.0f;                                                   \
+    for (int64_t first = 0; first < len; first += block_size) {                                             \
+        const int64_t base = table[first / block_size] * block_size;                                        \
+        const int64_t in_block = len - first < block_size ? len - first : block_size;                       \
+        for (int64_t i = 0; i < in_block; ++i) {                                                            \
+            const T* k = key_cache + (base + i) * slot_stride + head_offset;                                \
+            const T* v = value_cache + (base + i) * slot_stride + head_offset;                              \
+            float dot = 0.0f;                                                                               \
+            _Pragma("omp simd reduction(+:dot)")                                                            \
+            for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * LOAD(k[d]);                                \
+            if (dot > running_max) {                                                                        \
+                const float correction = exp_nonpositive(running_max - dot);                                \
+                for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;                                \
+                running_sum *= correction;                                                                  \
+                running_max = dot;                                                                          \
+            }                                                                                               \
+            const float w = exp_nonpositive(dot - running_max);                                             \
+            running_sum += w;                                                                               \
+            _Pragma("omp simd")                                                                             \
+            for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * LOAD(v[d]);                                \
+        }                                                                                                   \
+    }                                                                                                       \
+    const float inv = 1.0f / running_sum;                                                                   \
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= inv;                                                   \
 }
 
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
-DEFINE_DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, STORE_F32)
-DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_float, float_to_bf16)
+DEFINE_HEAD_PORTABLE(head_portable_f32, float, LOAD_F32)
+DEFINE_HEAD_PORTABLE(head_portable_bf16, uint16_t, bf16_to_float)
+
+#define DEFINE_DECODE_ATTENTION(NAME, T, LOAD, STORE, FAST, PORTABLE)                                       \
+int NAME(const T* query, int64_t query_row_stride, const T* key_cache, const T* value_cache,                \
+         const int64_t* block_tables, int64_t block_table_stride, const int64_t* context_lens,              \
+         int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size, float scale,            \
+         T* out, int64_t out_row_stride, int64_t head_groups, int num_threads) {                            \
+    const int64_t heads_per_group = (num_heads + head_groups - 1) / head_groups;                            \
+    const int64_t slot_stride = num_heads * head_dim;                                                       \
+    const size_t group_floats = (size_t)(heads_per_group * head_dim);                                       \
+    int failed = 0;                                                                                         \
+    _Pragma("omp parallel num_threads(num_threads)")                                                        \
+    {                                                                                                       \
+        float* q = (float*)malloc(sizeof(float) * group_floats);                                            \
+        float* result = (float*)malloc(sizeof(float) * group_floats);                                       \
+        float* state = (float*)malloc(sizeof(float) * (group_floats + 2 * (size_t)heads_per_group));        \
+        if (!q || !result || !state) {                                                                      \
+            _Pragma("omp atomic write") failed = 1;                                                         \
+        }                                                                                                   \
+        _Pragma("omp for schedule(dynamic, 1)")                                                             \
+        for (int64_t item = 0; item < num_seqs * head_groups; ++item) {                                     \
+            if (!q || !result || !state) continue;                                                          \
+            const int64_t s = item / head_groups;                                                           \
+            const int64_t h0 = (item % head_groups) * heads_per_group;                                      \
+            const int64_t h1 = h0 + heads_per_group < num_heads ? h0 + heads_per_group : num_heads;         \
+            if (h1 <= h0) continue;                                                                         \
+            const int64_t nh = h1 - h0;                                                                     \
+            const int64_t* table = block_tables + s * block_table_stride;                                   \
+            const T* q_row = query + s * query_row_stride + h0 * head_dim;                                  \
+            for (int64_t i = 0; i < nh * head_dim; ++i) q[i] = LOAD(q_row[i]) * scale;                      \
+            if (!FAST(q, key_cache, value_cache, table, context_lens[s], block_size, slot_stride,           \
+                      h0 * head_dim, nh, head_dim, state, result))                                          \
+                for (int64_t h = 0; h < nh; ++h)                                                            \
+                    PORTABLE(q + h * head_dim, key_cache, value_cache, table, context_lens[s], block_size,  \
+                             slot_stride, (h0 + h) * head_dim, head_dim, result + h * head_dim);            \
+            T* o = out + s * out_row_stride + h0 * head_dim;                                                \
+            for (int64_t i = 0; i < nh * head_dim; ++i) o[i] = STORE(result[i]);                            \
+        }                                                                                                   \
+        free(q);                                                                                            \
+        free(result);                                                                                       \
+        free(state);                                                                                        \
+    }                                                                                                       \
+    return failed ? -1 : 0;                                                                                 \
+}
+
+DEFINE_DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, STORE_F32, sequence_fast_f32, head_portable_f32)
+DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_float, float_to_bf16, sequence_fast_bf16,
+                        head_portable_bf16)

@@ -43,11 +43,27 @@ def available(dtype: torch.dtype) -> bool:
     return dtype in _FUNCTIONS and _library() is not None
 
 
+def check_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                 num_blocks: int | None) -> None:
+    """Raises ValueError unless every context is covered by its block table and (with ``num_blocks``) every
+    block id names a block of the cache: the kernel reads wherever the tables point."""
+    num_seqs = block_tables.shape[0]
+    if context_lens.shape != (num_seqs,):
+        raise ValueError("block_tables and context_lens need one row per query")
+    if num_seqs and int(context_lens.max()) > block_tables.shape[1] * block_size:
+        raise ValueError("a context is longer than its block table covers")
+    if num_seqs and num_blocks is not None and (int(block_tables.max()) >= num_blocks or int(block_tables.min()) < 0):
+        raise ValueError("a block table names a block outside the cache")
+
+
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     tables_checked: bool = False) -> torch.Tensor:
     """query: (S, heads, head_dim), one token per sequence; key/value_cache: (num_blocks, block_size,
     heads, head_dim), contiguous; block_tables: (S, max_blocks) int64; context_lens: (S,) int64, each
-    covered by its table. Returns (S, heads, head_dim): softmax(q k^T * scale) v over each context."""
+    covered by its table. Returns (S, heads, head_dim): softmax(q k^T * scale) v over each context.
+    ``tables_checked``: the caller ran :func:`check_tables` on these tables and this cache (once per step
+    for every layer), so it is not repeated here."""
     library = _library()
     if library is None or query.dtype not in _FUNCTIONS:
         raise RuntimeError(f"the CPU attention kernel is not available for {query.dtype}")
@@ -65,12 +81,10 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         query = query.contiguous()
     block_tables = block_tables.to(torch.int64).contiguous()
     context_lens = context_lens.to(torch.int64).contiguous()
-    if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
+    if block_tables.shape[0] != num_seqs:
         raise ValueError("block_tables and context_lens need one row per query")
-    if num_seqs and int(context_lens.max()) > block_tables.shape[1] * block_size:
-        raise ValueError("a context is longer than its block table covers")
-    if num_seqs and (int(block_tables.max()) >= num_blocks or int(block_tables.min()) < 0):
-        raise ValueError("a block table names a block outside the cache")
+    if not tables_checked:
+        check_tables(block_tables, context_lens, block_size, num_blocks)
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype)
     threads = torch.get_num_threads()
     # Enough (sequence, head group) items to keep every thread busy when few sequences decode.

@@ -80,6 +80,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = field(init=False, default=None)
     decode_path: str = field(init=False, default="views")
     decode_block_tables: torch.Tensor | None = field(init=False, default=None)  # kernel path: (decodes, blocks)
+    decode_tables_checked: bool = field(init=False, default=False)  # kernel path: checked against the cache
     decode_groups: list[DecodeGroup] = field(init=False, default_factory=list)
     # CPU path: per decode sequence, its context as runs of consecutive cache slots (start, length).
     decode_runs: list[list[tuple[int, int]]] | None = field(init=False, default=None)
@@ -90,12 +91,13 @@ class AttentionMetadata:
         self.prefill_seqs = [i for i, n in enumerate(query_lens) if n > 1]
         self.decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
 
-    def to(self, device: torch.device, block_size: int | None = None,
-           decode_path: str = "auto") -> AttentionMetadata:
+    def to(self, device: torch.device, block_size: int | None = None, decode_path: str = "auto",
+           num_cache_blocks: int | None = None) -> AttentionMetadata:
         """Builds the derived index tensors once per step, on the model's device (shared by all layers).
         ``decode_path``: ``kernel`` (the C paged kernel: best on CPU), ``views`` (per sequence, reading
         consecutive blocks in place), ``grouped`` (length-sorted groups gathered into padded batches: best
-        on GPU without flash-attn); ``auto``: ``views`` on CPU, ``grouped`` elsewhere."""
+        on GPU without flash-attn); ``auto``: ``views`` on CPU, ``grouped`` elsewhere. ``num_cache_blocks``: the
+        KV cache's size, against which the kernel path checks the block tables once for all layers."""
         if self.decode_seqs:
             self.decode_token_index = torch.tensor([self.query_start_loc[i] for i in self.decode_seqs],
                                                    dtype=torch.long, device=device)
@@ -111,6 +113,10 @@ class AttentionMetadata:
             if decode_path == "kernel":
                 all_decode = len(self.decode_seqs) == len(self.context_lens)
                 self.decode_block_tables = self.block_tables if all_decode else self.block_tables[self.decode_seqs]
+                if num_cache_blocks is not None:  # checked once per step here, not by every layer's call
+                    cpu_paged_attention.check_tables(self.decode_block_tables, self.decode_context_lens,
+                                                     block_size, num_cache_blocks)
+                    self.decode_tables_checked = True
             elif decode_path == "views":
                 tables = self.block_tables.tolist()  # one host copy per step, not one per sequence
                 self.decode_runs = [_slot_runs(tables[i], self.context_lens[i], block_size) for i in self.decode_seqs]
@@ -167,9 +173,14 @@ class Attention(nn.Module):
         if meta.decode_path == "kernel" and meta.decode_seqs:
             assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
             key_cache, value_cache = self._cache()[0], self._cache()[1]
-            output[meta.decode_token_index] = cpu_paged_attention.decode_attention(
-                query[meta.decode_token_index], key_cache, value_cache, meta.decode_block_tables,
-                meta.decode_context_lens, self.scale)
+            all_decode = not meta.prefill_seqs  # the usual decode step: no gather, no scatter
+            decoded = cpu_paged_attention.decode_attention(
+                query if all_decode else query[meta.decode_token_index], key_cache, value_cache,
+                meta.decode_block_tables, meta.decode_context_lens, self.scale,
+                tables_checked=meta.decode_tables_checked)
+            if all_decode:
+                return decoded
+            output[meta.decode_token_index] = decoded
         if meta.decode_runs is not None:
             self._decode_from_views(query, meta, output)
         for group in meta.decode_groups:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from neox_ray.config import ModelConfig
+from neox_ray.kernels import cpu_rotary
 
 
 def _inverse_frequencies(base: float | torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -57,6 +58,17 @@ class RotaryEmbedding(nn.Module):
         angles = self._angles(positions, sequence_lengths)  # (tokens, rotary_dim / 2)
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         return angles.cos(), angles.sin()
+
+    def split_and_rotate(self, qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv: (tokens, heads, 3, head_dim), a fused projection's rows -> contiguous (tokens, heads, head_dim)
+        query and key, rotated, and value. One C pass on CPU when the kernel is built, else torch ops."""
+        fused = cpu_rotary.rotate_split(qkv, *cos_sin, self.rotary_dim)
+        if fused is not None:
+            return fused
+        query, key, value = qkv.unbind(dim=2)
+        query, key = self.rotate_query_key(query, key, cos_sin)
+        return query, key.contiguous(), value.contiguous()
 
     def rotate_query_key(self, query: torch.Tensor, key: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:

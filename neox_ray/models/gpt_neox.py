@@ -49,9 +49,8 @@ class GPTNeoXAttention(nn.Module):
         qkv = self.query_key_value(hidden_states)
         # Fused rows are laid out (heads, 3, head_dim), not (3, heads, head_dim).
         qkv = qkv.view(-1, self.num_local_heads, 3, self.head_dim)
-        query, key, value = qkv.unbind(dim=2)  # each (tokens, local_heads, head_dim)
-        query, key = self.rotary.rotate_query_key(query, key, rotary_cos_sin)
-        context = self.attn(query, key.contiguous(), value.contiguous(), meta)
+        query, key, value = self.rotary.split_and_rotate(qkv, rotary_cos_sin)  # each (tokens, local_heads, head_dim)
+        context = self.attn(query, key, value, meta)
         return self.dense(context.flatten(1))
 
 
