@@ -190,6 +190,30 @@ def test_attention_metadata_checks_the_tables_once_for_every_layer() -> None:
         metadata(bad_tables, key_cache.shape[0])
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_what_index_copy_writes(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(5)
+    key_cache, value_cache = (torch.randn(6, 4, 3, 8, generator=generator).to(dtype) for _ in range(2))
+    key, value = (torch.randn(5, 3, 8, generator=generator).to(dtype) for _ in range(2))
+    slots = torch.tensor([0, 7, 23, 12, 13])
+    want_keys, want_values = key_cache.clone(), value_cache.clone()
+    want_keys.view(-1, 3, 8).index_copy_(0, slots, key)
+    want_values.view(-1, 3, 8).index_copy_(0, slots, value)
+    assert cpu_paged_attention.store_kv(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, want_keys) and torch.equal(value_cache, want_values)
+    # What it does not handle it leaves to index_copy_ (returns False, writes nothing).
+    before = key_cache.clone()
+    assert not cpu_paged_attention.store_kv(key.transpose(0, 1).contiguous().transpose(0, 1), value, key_cache,
+                                            value_cache, slots)
+    assert not cpu_paged_attention.store_kv(key.float() if dtype != torch.float32 else key.double(), value,
+                                            key_cache, value_cache, slots)
+    assert torch.equal(key_cache, before)
+    cpu_paged_attention.check_slots(slots, 24)
+    with pytest.raises(ValueError, match="outside the cache"):
+        cpu_paged_attention.check_slots(slots, 23)
+
+
 # ---- fused QKV split + rotary ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,heads,head_dim,rotary_dim", [(5, 4, 64, 16), (300, 3, 80, 20), (1, 2, 32, 32),

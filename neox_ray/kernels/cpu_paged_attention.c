@@ -256,3 +256,13 @@ int NAME(const T* query, int64_t query_row_stride, const T* key_cache, const T* 
 DEFINE_DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, STORE_F32, sequence_fast_f32, head_portable_f32)
 DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_float, float_to_bf16, sequence_fast_bf16,
                         head_portable_bf16)
+
+/* Stores this step's keys and values ((tokens, heads * head_dim) rows, contiguous) into their cache slots:
+ * one call instead of two index_copy_ dispatches per layer. The caller checked every slot is in the cache. */
+void store_kv(const void* key, const void* value, void* key_cache, void* value_cache, const int64_t* slots,
+              int64_t num_tokens, int64_t row_bytes) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        memcpy((char*)key_cache + slots[t] * row_bytes, (const char*)key + t * row_bytes, (size_t)row_bytes);
+        memcpy((char*)value_cache + slots[t] * row_bytes, (const char*)value + t * row_bytes, (size_t)row_bytes);
+    }
+}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from neox_ray.kernels.build import find_compiler, load_library
+from neox_ray.kernels.build import Signature, find_compiler, load_library
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
 _FUNCTIONS = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
@@ -32,15 +32,43 @@ _ARGTYPES = [_PTR, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, _INT64, _INT64, _INT6
 _compiler = find_compiler  # kept under this name for tests that ask whether a build is attempted
 
 
+_STORE_ARGTYPES = [_PTR, _PTR, _PTR, _PTR, _PTR, _INT64, _INT64]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    return load_library(SOURCE, "CPU attention kernel", "torch SDPA per sequence (slower)",
-                        {name: (_ARGTYPES, ctypes.c_int) for name in _FUNCTIONS.values()})
+    signatures: dict[str, Signature] = {name: (_ARGTYPES, ctypes.c_int) for name in _FUNCTIONS.values()}
+    signatures["store_kv"] = (_STORE_ARGTYPES, None)
+    return load_library(SOURCE, "CPU attention kernel", "torch SDPA per sequence (slower)", signatures)
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether :func:`decode_attention` can run for a cache of ``dtype`` (builds the kernel if needed)."""
     return dtype in _FUNCTIONS and _library() is not None
+
+
+def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """Raises ValueError unless every slot of ``slot_mapping`` is inside a cache of ``num_slots`` slots."""
+    if slot_mapping.numel() and (int(slot_mapping.max()) >= num_slots or int(slot_mapping.min()) < 0):
+        raise ValueError("a slot mapping names a slot outside the cache")
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """Writes key/value (tokens, heads, head_dim) into the caches' slots (slot = block * block_size + offset)
+    in one C call; the caller checked the slots with :func:`check_slots`. Returns False (nothing written)
+    when the kernel cannot do it (unavailable, or tensors not contiguous CPU tensors of the cache's dtype)."""
+    library = _library()
+    tensors = (key, value, key_cache, value_cache)
+    if (library is None or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()
+            or any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype != key_cache.dtype for t in tensors)
+            or key.shape != value.shape or key.shape[1:] != key_cache.shape[2:]
+            or key.shape[0] != slot_mapping.numel()):
+        return False
+    row_bytes = key.shape[1] * key.shape[2] * key.element_size()
+    library.store_kv(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                     slot_mapping.data_ptr(), key.shape[0], row_bytes)
+    return True
 
 
 def check_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,

@@ -81,6 +81,7 @@ class AttentionMetadata:
     decode_path: str = field(init=False, default="views")
     decode_block_tables: torch.Tensor | None = field(init=False, default=None)  # kernel path: (decodes, blocks)
     decode_tables_checked: bool = field(init=False, default=False)  # kernel path: checked against the cache
+    slots_checked: bool = field(init=False, default=False)  # slot_mapping checked against the cache (C store)
     decode_groups: list[DecodeGroup] = field(init=False, default_factory=list)
     # CPU path: per decode sequence, its context as runs of consecutive cache slots (start, length).
     decode_runs: list[list[tuple[int, int]]] | None = field(init=False, default=None)
@@ -97,7 +98,10 @@ class AttentionMetadata:
         ``decode_path``: ``kernel`` (the C paged kernel: best on CPU), ``views`` (per sequence, reading
         consecutive blocks in place), ``grouped`` (length-sorted groups gathered into padded batches: best
         on GPU without flash-attn); ``auto``: ``views`` on CPU, ``grouped`` elsewhere. ``num_cache_blocks``: the
-        KV cache's size, against which the kernel path checks the block tables once for all layers."""
+        KV cache's size, against which the block tables (kernel path) and slots are checked once for all layers."""
+        if self.slot_mapping is not None and num_cache_blocks is not None and block_size is not None:
+            cpu_paged_attention.check_slots(self.slot_mapping, num_cache_blocks * block_size)
+            self.slots_checked = True
         if self.decode_seqs:
             self.decode_token_index = torch.tensor([self.query_start_loc[i] for i in self.decode_seqs],
                                                    dtype=torch.long, device=device)
@@ -154,8 +158,10 @@ class Attention(nn.Module):
         """query/key/value: (tokens, heads, head_dim) -> (tokens, heads, head_dim)."""
         if self.kv_cache is not None and meta.slot_mapping is not None:
             key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-            key_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, key)
-            value_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, value)
+            if not (meta.slots_checked and cpu_paged_attention.store_kv(key, value, key_cache, value_cache,
+                                                                         meta.slot_mapping)):
+                key_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, key)
+                value_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, value)
         if self.backend == "flash_attn":
             return self._flash_attn(query, key, value, meta)
         output = torch.empty_like(query)

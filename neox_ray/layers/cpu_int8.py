@@ -121,13 +121,15 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
 
 def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
-                activation: str | None = None) -> torch.Tensor:
-    """``activation(x W^T + b)`` in ``x``'s dtype, W from :func:`pack_int8_weight`; ``activation`` is a
-    ``hidden_act`` name, fused into the GEMM when oneDNN has it, else applied afterwards."""
+                activation: str | None = None, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``activation(x W^T + b)`` in ``output_dtype`` (default ``x``'s dtype), W from :func:`pack_int8_weight`;
+    ``activation`` is a ``hidden_act`` name, fused into the GEMM when oneDNN has it, else applied afterwards.
+    The GEMM writes ``output_dtype`` itself (float32 logits from bfloat16 activations need no extra pass)."""
     post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", "")) if activation else ("none", "")
     quantized, scale, zero_point = quantize_activation(x)
     out = torch.ops.onednn.qlinear_pointwise(quantized, scale, zero_point, weight.packed, weight.scales,
-                                             weight.zero_points, bias, 1.0, 0, x.dtype, post_op, [], algorithm)
+                                             weight.zero_points, bias, 1.0, 0, output_dtype or x.dtype, post_op, [],
+                                             algorithm)
     if activation and activation not in FUSED_ACTIVATIONS:
         out = get_activation(activation)(out)
     return out

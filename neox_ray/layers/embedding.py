@@ -39,5 +39,6 @@ class ParallelLMHead(VocabParallelEmbedding, PackableWeight):
     input embedding, which still looks rows up in it)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (tokens, hidden) -> (tokens, vocab)
-        local_logits = self._linear(hidden_states, None)
+        # An int8 head writes float32 logits directly (the sampler and scoring want float32 anyway).
+        local_logits = self._linear(hidden_states, None, int8_output_dtype=torch.float32)
         return all_gather_last_dim(local_logits)[..., : self.vocab_size]

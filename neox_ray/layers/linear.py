@@ -55,9 +55,11 @@ class PackableWeight(nn.Module):
         if release_original:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+                int8_output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``int8_output_dtype``: what the int8 GEMM writes (default: ``x``'s dtype); the other paths give x's."""
         if self.int8_weight is not None:
-            return int8_linear(x, self.int8_weight, bias, activation)
+            return int8_linear(x, self.int8_weight, bias, activation, int8_output_dtype)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias, activation)
         out = F.linear(x, self.weight, bias)
