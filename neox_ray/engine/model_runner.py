@@ -33,8 +33,22 @@ LOGPROB_CHUNK_ROWS = 1024  # rows of full-vocab logits materialized at once for 
 
 
 # CPU default KV cache when neither num_kv_blocks nor kv_cache_memory is given: room for every sequence at
-# max_model_len, capped at this many tokens.
+# max_model_len, capped at this many tokens and at this share of the memory still available after the
+# weights are loaded (128k tokens of pythia-1b in fp32 would be 34 GiB: more than many machines have).
 CPU_DEFAULT_CACHE_TOKENS = 1 << 17
+CPU_DEFAULT_CACHE_MEMORY_SHARE = 0.5
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def check_int8_runs(device: torch.device, dtype: torch.dtype) -> None:
@@ -96,6 +110,12 @@ class ModelRunner:
         else:
             tokens = min(cfg.max_num_seqs * self.max_model_len, CPU_DEFAULT_CACHE_TOKENS)
             budget = -(-tokens // cfg.block_size) * self.kv_bytes_per_block
+            available = available_memory_bytes()
+            if available is not None and budget > available * CPU_DEFAULT_CACHE_MEMORY_SHARE:
+                budget = int(available * CPU_DEFAULT_CACHE_MEMORY_SHARE)
+                logger.info("KV cache: %.1f GiB, half of the %.1f GiB of memory available (room for %d tokens); "
+                            "kv_cache_memory or num_kv_blocks sets it", budget / 2**30, available / 2**30,
+                            budget // self.kv_bytes_per_block * cfg.block_size)
         blocks = budget // self.kv_bytes_per_block
         if blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block} bytes")
