@@ -3,9 +3,14 @@
  * Each sequence has one new query token; its keys and values sit in a paged cache
  * (num_slots = num_blocks * block_size rows of heads * head_dim) at the slots its block table names.
  * Decode attention reads the whole context once and does almost no arithmetic per byte, so it is
- * memory-bound: this kernel streams each cached row (all heads of one position, contiguous) exactly
- * once for the scores and once for the values, in place, with no gather and no per-sequence dispatch.
- * Work items are (sequence, group of heads), shared over the OpenMP threads torch already runs.
+ * memory-bound: the kernel reads every cached key and value row once, in place, with no gather and no
+ * per-sequence dispatch. Per (sequence, head) it keeps an online softmax (running max, running sum and a
+ * float32 accumulator rescaled when the max grows) over tiles of up to 16 positions inside a cache block,
+ * so keys and values of a tile are read together in one pass and no score buffer is written; the rows of
+ * the tile 16 positions ahead are prefetched. With AVX-512 each head size Pythia uses (16..256, multiples of
+ * 16) gets a copy unrolled so a head's accumulator stays in registers; other sizes and CPUs run the portable
+ * loop (same arithmetic, one position at a time). Work items are (sequence, group of heads), shared over the
+ * OpenMP threads torch already runs. Also here: store_kv, the per-layer write of new keys/values to their slots.
  *
  * Built at first use by neox_ray/kernels/cpu_paged_attention.py (gcc -O3 -march=native -fopenmp) and
  * called through ctypes; that module owns the argument checks. Scores are accumulated in float32.
