@@ -6,6 +6,22 @@
 #include <stdint.h>
 #include <string.h>
 
+/* bfloat16 <-> float. Widening is exact; narrowing rounds to nearest even and keeps NaN a NaN, as torch does. */
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
 /* exp(x) for x <= 0 within 2 ulp, 0 below -87.3 (past float's normal range); exp(0) is exactly 1. A
  * polynomial the compiler vectorises: libm's expf is a scalar call per element. NaN gives 0. */
 static inline float exp_nonpositive(float x) {

@@ -22,21 +22,6 @@
 
 #include "cpu_math.h"
 
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 /* Positions are visited block by block (no division per position) in tiles of at most TILE positions. Each
  * (sequence, head) keeps an online softmax (running max, running sum, float32 accumulator, rescaled when the
  * max grows), so one pass reads every cached key and value row once, keys and values of a tile together. */

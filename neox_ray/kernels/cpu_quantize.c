@@ -5,12 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t widened = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
-}
+#include "cpu_math.h"
+
 
 static inline float f32_load(const float *x, int64_t i) { return x[i]; }
 static inline float bf16_load(const uint16_t *x, int64_t i) { return bf16_to_float(x[i]); }
