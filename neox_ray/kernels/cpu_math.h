@@ -43,4 +43,14 @@ static inline float exp_nonpositive(float x) {
     return x > -87.33654f ? p * scale : 0.0f;
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 16 floats from 16 float32 / bfloat16 values (bfloat16 widening is exact). */
+static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#endif
+
 #endif

@@ -33,11 +33,6 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 static inline __m512 exp_nonpositive16(__m512 x) {  /* exp_nonpositive() of cpu_math.h, 16 lanes at a time */
     const __m512 low = _mm512_set1_ps(-87.33654f);
     const __mmask16 in_range = _mm512_cmp_ps_mask(x, low, _CMP_GT_OQ);

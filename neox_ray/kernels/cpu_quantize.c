@@ -21,10 +21,8 @@ static inline float bf16_load(const uint16_t *x, int64_t i) { return bf16_to_flo
 #include <immintrin.h>
 /* 16 values widened to float: the explicit AVX-512 loops below run ~4x faster than what the compiler makes of
  * the portable ones (the float -> uint8 narrowing and the bf16 widening do not vectorise well there). */
-static inline __m512 f32_load16(const float *x, int64_t i) { return _mm512_loadu_ps(x + i); }
-static inline __m512 bf16_load16(const uint16_t *x, int64_t i) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
-}
+static inline __m512 f32_load16(const float *x, int64_t i) { return load16_f32(x + i); }
+static inline __m512 bf16_load16(const uint16_t *x, int64_t i) { return load16_bf16(x + i); }
 #define RANGE16(LOAD16, x, begin, end, low, high)                                                      \
     do {                                                                                               \
         __m512 low16 = _mm512_setzero_ps(), high16 = _mm512_setzero_ps();                              \
