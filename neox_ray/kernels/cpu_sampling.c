@@ -88,7 +88,7 @@ static int crossing_bucket(const double* mass, const int32_t* count, int mode, d
 }
 
 /* The largest value v among e[i] >= floor such that the tokens >= v hold at least `goal` (a count or a
- * mass), and in *kept_mass the mass of the tokens >= v. Returns `floor` (and the mass above it) when all
+ * mass), and in *kept_mass (unless NULL: it costs a pass over the row) the mass of the tokens >= v. Returns `floor` (and the mass above it) when all
  * of them together fall short of the goal (rounding at top_p close to 1): everything above floor stays.
  * Level 0 histograms bits 20-29 of every token; the crossing bucket's tokens are gathered into
  * `candidates` (scratch of vocab entries), and levels 1 and 2 histogram bits 10-19, then 0-9, of those. */
@@ -136,7 +136,7 @@ static float radix_select(const float* e, int64_t vocab, float floor, int mode, 
     }
     int crossing = crossing_bucket(mass, count, mode, goal, &count_above, &mass_above);
     if (crossing < 0) {
-        *kept_mass = mass_at_least(e, vocab, floor);
+        if (kept_mass) *kept_mass = mass_at_least(e, vocab, floor);
         return floor;
     }
     uint32_t prefix = (uint32_t)crossing;  /* the high bits every candidate shares */
@@ -168,7 +168,7 @@ static float radix_select(const float* e, int64_t vocab, float floor, int mode, 
         crossing = crossing_bucket(mass, count, mode, goal, &count_above, &mass_above);
         if (crossing < 0) {  /* rounding between levels: keep the bucket range found so far */
             const float threshold = bits_float(prefix << (shift + 10));
-            *kept_mass = mass_at_least(e, vocab, threshold);
+            if (kept_mass) *kept_mass = mass_at_least(e, vocab, threshold);
             return threshold;
         }
         prefix = (prefix << 10) | (uint32_t)crossing;
@@ -180,7 +180,7 @@ static float radix_select(const float* e, int64_t vocab, float floor, int mode, 
         }
         num_candidates = kept;
     }
-    *kept_mass = mass_at_least(e, vocab, bits_float(prefix));
+    if (kept_mass) *kept_mass = mass_at_least(e, vocab, bits_float(prefix));
     return bits_float(prefix);
 }
 
@@ -216,14 +216,14 @@ int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, i
             float threshold = 0.0f;
             double filtered_mass = total;  /* the mass top-p is a share of: the top-k tokens' */
             const int64_t top_k = top_ks[row];
-            if (top_k > 0 && top_k < vocab) {
-                threshold = radix_select(e, vocab, 0.0f, BY_COUNT, (double)top_k, candidates, &filtered_mass);
-            }
             const float top_p = top_ps[row];
+            if (top_k > 0 && top_k < vocab) {  /* top-p then needs the top-k mass, else it is not summed */
+                threshold = radix_select(e, vocab, 0.0f, BY_COUNT, (double)top_k, candidates,
+                                         top_p < 1.0f ? &filtered_mass : NULL);
+            }
             if (top_p < 1.0f) {
-                double unused;
                 const float cut = radix_select(e, vocab, threshold, BY_MASS, (double)top_p * filtered_mass,
-                                               candidates, &unused);
+                                               candidates, NULL);
                 threshold = cut > threshold ? cut : threshold;
             }
             threshold = min_ps[row] > threshold ? min_ps[row] : threshold;
