@@ -51,6 +51,29 @@ static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
+
+/* exp_nonpositive() above, 16 lanes at a time: the same polynomial with fused multiply-adds (so a result
+ * can differ from the scalar one in the last bit). */
+static inline __m512 exp_nonpositive16(__m512 x) {
+    const __m512 low = _mm512_set1_ps(-87.33654f);
+    const __mmask16 in_range = _mm512_cmp_ps_mask(x, low, _CMP_GT_OQ);
+    const __m512 clamped = _mm512_max_ps(x, low);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    exponent = _mm512_max_epi32(exponent, _mm512_setzero_si512());
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+    return _mm512_maskz_mul_ps(in_range, p, scale);
+}
 #endif
 
 #endif

@@ -184,6 +184,62 @@ static float radix_select(const float* e, int64_t vocab, float floor, int mode, 
     return bits_float(prefix);
 }
 
+#ifdef __AVX512F__
+#define FLOOR_RUNGS 8
+/* A floor for the top-p cut among the tokens e >= lower (their mass: `total`): the cut cannot lie below any
+ * F whose tokens in [lower, F) hold at most total - goal, since the tokens >= F then still reach `goal`.
+ * F = base * 2^r for r = 1..8 with base = (total - goal) / (2 vocab) (below base lie at most half of
+ * total - goal by construction); each rung must leave at most half of total - goal below it, a margin no
+ * float rounding of these sums can cross. One vectorised pass; the selection then histograms only the
+ * tokens above the floor (on a trained model's peaked rows, a few hundred instead of the vocabulary).
+ * Returns `lower` when total - goal is too small to give a margin (top_p within 1e-6 of 1). */
+static float top_p_floor(const float* e, int64_t vocab, float lower, double total, double goal) {
+    const double spare = total - goal;
+    if (!(spare > 1e-6 * total)) return lower;
+    const float base = (float)(0.5 * spare / (double)vocab);
+    float rung[FLOOR_RUNGS];
+    __m512 below[FLOOR_RUNGS], rung16[FLOOR_RUNGS];
+    for (int r = 0; r < FLOOR_RUNGS; ++r) {
+        rung[r] = base * (float)(2 << r);
+        rung16[r] = _mm512_set1_ps(rung[r]);
+        below[r] = _mm512_setzero_ps();
+    }
+    const __m512 lower16 = _mm512_set1_ps(lower);
+    int64_t i = 0;
+    for (; i + 16 <= vocab; i += 16) {
+        const __m512 v = _mm512_loadu_ps(e + i);
+        const __mmask16 kept = _mm512_cmp_ps_mask(v, lower16, _CMP_GE_OQ);
+        for (int r = 0; r < FLOOR_RUNGS; ++r)
+            below[r] = _mm512_mask_add_ps(below[r], kept & _mm512_cmp_ps_mask(v, rung16[r], _CMP_LT_OQ), below[r], v);
+    }
+    double tail[FLOOR_RUNGS];
+    for (int r = 0; r < FLOOR_RUNGS; ++r) tail[r] = _mm512_reduce_add_ps(below[r]);
+    for (; i < vocab; ++i)
+        for (int r = 0; r < FLOOR_RUNGS; ++r) tail[r] += (e[i] >= lower && e[i] < rung[r]) ? e[i] : 0.0f;
+    float floor = base > lower ? base : lower;
+    for (int r = 0; r < FLOOR_RUNGS; ++r)
+        if (tail[r] <= 0.5 * spare && rung[r] > floor) floor = rung[r];
+    return floor;
+}
+
+/* The tokens e >= floor, packed into `pool` (vocab + 16 entries); returns how many. */
+static int64_t tokens_at_least(const float* e, int64_t vocab, float floor, float* pool) {
+    const __m512 floor16 = _mm512_set1_ps(floor);
+    int64_t n = 0, i = 0;
+    for (; i + 16 <= vocab; i += 16) {
+        const __m512 v = _mm512_loadu_ps(e + i);
+        const __mmask16 kept = _mm512_cmp_ps_mask(v, floor16, _CMP_GE_OQ);
+        _mm512_storeu_ps(pool + n, _mm512_maskz_compress_ps(kept, v));
+        n += __builtin_popcount((unsigned)kept);
+    }
+    for (; i < vocab; ++i) {
+        pool[n] = e[i];
+        n += e[i] >= floor;
+    }
+    return n;
+}
+#endif
+
 int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, int64_t vocab,
                     const float* temperatures, const int64_t* top_ks, const float* top_ps,
                     const float* min_ps, const double* uniforms, int64_t* tokens, int num_threads) {
@@ -193,21 +249,35 @@ int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, i
         float* e = (float*)malloc(sizeof(float) * (size_t)(vocab + BLOCK));
         float* candidates = (float*)malloc(sizeof(float) * (size_t)(vocab + 16));
         float* block_mass = (float*)malloc(sizeof(float) * (size_t)(vocab / BLOCK + 2));
-        if (!e || !candidates || !block_mass) {
+        float* pool = (float*)malloc(sizeof(float) * (size_t)(vocab + 16));
+        if (!e || !candidates || !block_mass || !pool) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t row = 0; row < num_rows; ++row) {
-            if (!e || !candidates || !block_mass) continue;
+            if (!e || !candidates || !block_mass || !pool) continue;
             const float* x = logits + row * row_stride;
             float peak = -INFINITY;
 #pragma omp simd reduction(max : peak)
             for (int64_t i = 0; i < vocab; ++i) peak = x[i] > peak ? x[i] : peak;
             const float inverse_temperature = 1.0f / temperatures[row];
             float partial = 0.0f;
-#pragma omp simd reduction(+ : partial)
-            for (int64_t i = 0; i < vocab; ++i) {
+            int64_t first = 0;
+#ifdef __AVX512F__
+            {  /* explicit: 48 x 50304 rows at temperature 0.8 took 0.95 ms with the compiler-vectorised loop, 0.70 */
+                const __m512 peak16 = _mm512_set1_ps(peak), scale16 = _mm512_set1_ps(inverse_temperature);
+                __m512 sum16 = _mm512_setzero_ps();
+                for (; first + 16 <= vocab; first += 16) {
+                    const __m512 z = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + first), peak16), scale16);
+                    const __m512 value = exp_nonpositive16(z);
+                    _mm512_storeu_ps(e + first, value);
+                    sum16 = _mm512_add_ps(sum16, value);
+                }
+                partial = _mm512_reduce_add_ps(sum16);
+            }
+#endif
+            for (int64_t i = first; i < vocab; ++i) {
                 e[i] = exp_nonpositive((x[i] - peak) * inverse_temperature);
                 partial += e[i];
             }
@@ -222,8 +292,18 @@ int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, i
                                          top_p < 1.0f ? &filtered_mass : NULL);
             }
             if (top_p < 1.0f) {
-                const float cut = radix_select(e, vocab, threshold, BY_MASS, (double)top_p * filtered_mass,
-                                               candidates, NULL);
+                const double goal = (double)top_p * filtered_mass;
+                const float* pooled = e;
+                int64_t pooled_count = vocab;
+                float floor = threshold;
+#ifdef __AVX512F__
+                floor = top_p_floor(e, vocab, threshold, filtered_mass, goal);
+                if (floor > threshold) {  /* select among the tokens above the floor only */
+                    pooled_count = tokens_at_least(e, vocab, floor, pool);
+                    pooled = pool;
+                }
+#endif
+                const float cut = radix_select(pooled, pooled_count, floor, BY_MASS, goal, candidates, NULL);
                 threshold = cut > threshold ? cut : threshold;
             }
             threshold = min_ps[row] > threshold ? min_ps[row] : threshold;
@@ -276,6 +356,7 @@ int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, i
         free(e);
         free(candidates);
         free(block_mass);
+        free(pool);
     }
     return failed ? -1 : 0;
 }
