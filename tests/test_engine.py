@@ -343,20 +343,26 @@ def test_async_engine_shares_one_loop_and_reports_death(tiny_checkpoint: Path) -
         engine.shutdown()
 
 
-def test_default_cpu_kv_cache_takes_at_most_half_the_available_memory(tiny_checkpoint: Path, monkeypatch,
+def test_default_cpu_kv_cache_is_capped_by_bytes_and_available_memory(tiny_checkpoint: Path, monkeypatch,
                                                                        caplog) -> None:
     """Without num_kv_blocks / kv_cache_memory the CPU cache is sized for max_num_seqs x max_model_len tokens
-    (at most 128k), and no more than half of the memory available after loading (a big model's 128k tokens
-    would not fit a laptop)."""
+    (at most 128k), no larger than CPU_DEFAULT_CACHE_BYTES (4 GiB) and than half of the memory available
+    after loading (a big model's 128k tokens would not fit a laptop)."""
     from neox_ray.engine import model_runner
     roomy = LLM(str(tiny_checkpoint), block_size=4, max_num_seqs=2, max_model_len=64)
     assert roomy.engine.executor.num_kv_blocks == 2 * 64 // 4
     bytes_per_block = roomy.engine.executor.runner.kv_bytes_per_block
+    monkeypatch.setattr(model_runner, "CPU_DEFAULT_CACHE_BYTES", 24 * bytes_per_block)
+    with caplog.at_level("INFO", logger="neox_ray.engine.model_runner"):
+        by_bytes = LLM(str(tiny_checkpoint), block_size=4, max_num_seqs=2, max_model_len=64)
+    assert by_bytes.engine.executor.num_kv_blocks == 24
+    assert "the CPU default of" in caplog.text and "kv_cache_memory or num_kv_blocks sets it" in caplog.text
+    caplog.clear()
     monkeypatch.setattr(model_runner, "available_memory_bytes", lambda: 20 * bytes_per_block)
     with caplog.at_level("INFO", logger="neox_ray.engine.model_runner"):
         capped = LLM(str(tiny_checkpoint), block_size=4, max_num_seqs=2, max_model_len=64)
     assert capped.engine.executor.num_kv_blocks == 10
-    assert "half of the" in caplog.text and "kv_cache_memory or num_kv_blocks sets it" in caplog.text
+    assert "half of the memory available" in caplog.text
     explicit = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=16)  # an explicit size is the user's call
     assert explicit.engine.executor.num_kv_blocks == 16
     assert len(capped.generate([[5] * 4], SamplingParams(max_tokens=4))[0].outputs[0].token_ids) == 4

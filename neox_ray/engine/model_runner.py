@@ -33,9 +33,13 @@ LOGPROB_CHUNK_ROWS = 1024  # rows of full-vocab logits materialized at once for 
 
 
 # CPU default KV cache when neither num_kv_blocks nor kv_cache_memory is given: room for every sequence at
-# max_model_len, capped at this many tokens and at this share of the memory still available after the
-# weights are loaded (128k tokens of pythia-1b in fp32 would be 34 GiB: more than many machines have).
+# max_model_len, capped at this many tokens, at this many bytes (vLLM's CPU backend also defaults to 4 GiB)
+# and at this share of the memory still available after the weights are loaded. 128k tokens of pythia-1b in
+# fp32 would be 34 GiB; and since the CPU cache's pages are only mapped as they are written, engines that
+# share a machine (replicas of a batch job) do not see each other's caches at load, so a fixed cap keeps
+# the sum of theirs predictable.
 CPU_DEFAULT_CACHE_TOKENS = 1 << 17
+CPU_DEFAULT_CACHE_BYTES = 4 << 30
 CPU_DEFAULT_CACHE_MEMORY_SHARE = 0.5
 
 
@@ -109,13 +113,15 @@ class ModelRunner:
             budget = self._profile_gpu_budget()
         else:
             tokens = min(cfg.max_num_seqs * self.max_model_len, CPU_DEFAULT_CACHE_TOKENS)
-            budget = -(-tokens // cfg.block_size) * self.kv_bytes_per_block
+            wanted = -(-tokens // cfg.block_size) * self.kv_bytes_per_block
             available = available_memory_bytes()
-            if available is not None and budget > available * CPU_DEFAULT_CACHE_MEMORY_SHARE:
-                budget = int(available * CPU_DEFAULT_CACHE_MEMORY_SHARE)
-                logger.info("KV cache: %.1f GiB, half of the %.1f GiB of memory available (room for %d tokens); "
-                            "kv_cache_memory or num_kv_blocks sets it", budget / 2**30, available / 2**30,
-                            budget // self.kv_bytes_per_block * cfg.block_size)
+            caps = [CPU_DEFAULT_CACHE_BYTES] + ([int(available * CPU_DEFAULT_CACHE_MEMORY_SHARE)] if available else [])
+            budget = min([wanted, *caps])
+            if budget < wanted:
+                limit = ("half of the memory available" if available and budget < CPU_DEFAULT_CACHE_BYTES
+                         else f"the CPU default of {CPU_DEFAULT_CACHE_BYTES / 2**30:.0f} GiB")
+                logger.info("KV cache: %.2f GiB (%s), room for %d tokens; kv_cache_memory or num_kv_blocks sets it",
+                            budget / 2**30, limit, budget // self.kv_bytes_per_block * cfg.block_size)
         blocks = budget // self.kv_bytes_per_block
         if blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block} bytes")
