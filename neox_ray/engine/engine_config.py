@@ -51,7 +51,9 @@ class EngineConfig(StrictSettings):
     max_num_batched_tokens: int = setting(2048, ge=1, description="most tokens in one engine step")
     block_size: int = setting(16, ge=1, description="tokens per KV-cache block")
     num_kv_blocks: int | None = setting(None, ge=1, description="KV-cache blocks per rank (default: from memory)")
-    kv_cache_memory: int | None = setting(None, ge=1, description="KV-cache bytes per rank (default: from memory)")
+    kv_cache_memory: int | None = setting(
+        None, ge=1, description="KV-cache bytes per rank (default: GPU, what profiling leaves free; CPU, room "
+                                "for max_num_seqs x max_model_len tokens up to 128k, 4 GiB and half the free memory)")
     gpu_memory_utilization: float = setting(0.9, gt=0.0, le=1.0, allow_inf_nan=False,
                                             description="share of GPU memory the engine may fill")
     enable_prefix_caching: bool = setting(True, description="reuse cached blocks of shared prompt prefixes")
