@@ -99,7 +99,8 @@ class AttentionMetadata:
         consecutive blocks in place), ``grouped`` (length-sorted groups gathered into padded batches: best
         on GPU without flash-attn); ``auto``: ``views`` on CPU, ``grouped`` elsewhere. ``num_cache_blocks``: the
         KV cache's size, against which the block tables (kernel path) and slots are checked once for all layers."""
-        if self.slot_mapping is not None and num_cache_blocks is not None and block_size is not None:
+        if (device.type == "cpu" and self.slot_mapping is not None and num_cache_blocks is not None
+                and block_size is not None):  # the C store is CPU-only (and a GPU check would sync every step)
             cpu_paged_attention.check_slots(self.slot_mapping, num_cache_blocks * block_size)
             self.slots_checked = True
         if self.decode_seqs:
