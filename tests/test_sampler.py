@@ -4,11 +4,13 @@ made up."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from neox_ray.engine import sampler as sampler_module
-from neox_ray.engine.sampler import TOP_P_PREFILTER, Sampler, _inverse_cdf, filtered_probs, row_uniform
+from neox_ray.engine.sampler import TOP_P_PREFILTER, Sampler, _inverse_cdf, filtered_probs, row_uniform, row_uniforms
 from neox_ray.engine.step import SamplingRow
 from neox_ray.kernels import cpu_sampling
 
@@ -141,6 +143,16 @@ def test_every_seed_works_and_the_uniform_stays_inside_zero_one() -> None:
         for position in (0, 1, 10**6):
             assert 0.0 < row_uniform(seed, position) < 1.0
     assert row_uniform(5, 0) != row_uniform(5, 1) != row_uniform(6, 1)
+
+
+def test_a_steps_uniforms_hashed_at_once_equal_the_per_row_hash() -> None:
+    """The sampler hashes a step's seeded rows in one numpy pass; the values are row_uniform's, bit for bit,
+    for seeds past 64 bits (per-sample offsets) and positions past 64 bits too."""
+    generator = random.Random(3)
+    seeds = [generator.randrange(2**64) for _ in range(500)] + [generator.randrange(2**90) for _ in range(100)]
+    seeds += [0, 2**64 - 1, 2**64, 2**64 - 1 + 7919 * 3]
+    positions = [generator.randrange(10**6) for _ in range(600)] + [0, 2**64 - 1, 2**64, 5]
+    assert row_uniforms(seeds, positions) == [row_uniform(s, p) for s, p in zip(seeds, positions, strict=True)]
 
 
 def test_the_draw_never_lands_on_a_dropped_token_at_the_ends_of_zero_one() -> None:

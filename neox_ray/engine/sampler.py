@@ -31,6 +31,9 @@ penalties, temperature and filters), as vLLM returns by default.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from neox_ray.engine.step import SampleResult, SamplingRow
@@ -59,6 +62,26 @@ def generator_seed(seed: int, position: int) -> int:
 def row_uniform(seed: int, position: int) -> float:
     """The uniform number in (0, 1) that a seeded row samples its token at ``position`` with (53 bits)."""
     return ((generator_seed(seed, position) >> 10) + 0.5) * 2.0 ** -53
+
+
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def _mix64_array(values: np.ndarray) -> np.ndarray:
+    """:func:`_mix64` over a uint64 array (numpy's uint64 products wrap modulo 2**64, as the mask does)."""
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+def row_uniforms(seeds: Sequence[int], positions: Sequence[int]) -> list[float]:
+    """:func:`row_uniform` for many rows at once, the same values (a step's seeded rows: one numpy pass
+    instead of four Python-integer hashes per row)."""
+    low = np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64)
+    high = np.array([(seed >> 64) & _MASK64 for seed in seeds], dtype=np.uint64)
+    offsets = np.array([(position + _GOLDEN64) & _MASK64 for position in positions], dtype=np.uint64)
+    keys = _mix64_array(_mix64_array(low) ^ _mix64_array(high) ^ _mix64_array(offsets)) >> np.uint64(1)
+    return (((keys >> np.uint64(10)).astype(np.float64) + 0.5) * 2.0 ** -53).tolist()
 
 
 def _kept_by_top_k_top_p(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -167,7 +190,11 @@ class Sampler:
         unseeded = sum(1 for r in rows if r.seed is None)
         drawn = torch.rand(unseeded, dtype=torch.float64, generator=self.generator).tolist() if unseeded else []
         drawn.reverse()
-        values = [row_uniform(r.seed, r.output_position) if r.seed is not None else drawn.pop() for r in rows]
+        seeds = [r.seed for r in rows if r.seed is not None]
+        positions = [r.output_position for r in rows if r.seed is not None]
+        hashed = row_uniforms(seeds, positions) if seeds else []
+        hashed.reverse()
+        values = [hashed.pop() if r.seed is not None else drawn.pop() for r in rows]
         return torch.tensor(values, dtype=torch.float64, device=device).unsqueeze(1)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
