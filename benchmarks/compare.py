@@ -26,6 +26,10 @@ neox-ray sampled >= 0.9x greedy at each precision; fp32 >= 4x HF generate; each 
 that precision (fp32: llama.cpp f32, CTranslate2 float32; bf16: llama.cpp bf16 and CTranslate2 bfloat16 where it
 runs; int8: llama.cpp q8_0, CTranslate2 int8); the fastest neox-ray leg >= 12x HF fp32 greedy.
 
+With ``--passes N`` every leg runs the whole workload N times in its process and reports its fastest pass (the
+first pass of a process pays one-time costs: ~10 % for neox-ray's fastest mode here, see benchmarks/README.md);
+the default, 1, times that first pass for every engine.
+
     python benchmarks/compare.py --shape pythia-70m                  # every leg, 48 prompts, 2 threads
     python benchmarks/compare.py --legs hf-fp32,neox-fp32,llamacpp-f32 --num-prompts 8 --json out.json
 """
@@ -87,7 +91,12 @@ PEER_ENGINES = {"llamacpp": "llama.cpp", "ct2": "CTranslate2"}
 
 # ---- one leg, in its own process ----------------------------------------------------------------------------
 
-def run_hf(model_dir: Path, jobs: list[tuple[list[int], int]], sampled: bool) -> tuple[int, float, str]:
+def pass_note(detail: str, seconds: list[float]) -> str:
+    """The leg's detail, with every pass's time when there were several (the fastest is the one reported)."""
+    return detail if len(seconds) == 1 else f"{detail}, passes {' / '.join(f'{s:.2f}' for s in seconds)} s"
+
+
+def run_hf(model_dir: Path, jobs: list[tuple[list[int], int]], sampled: bool, passes: int) -> tuple[int, float, str]:
     import torch
     from transformers import GPTNeoXForCausalLM
 
@@ -96,17 +105,20 @@ def run_hf(model_dir: Path, jobs: list[tuple[list[int], int]], sampled: bool) ->
                                else dict(do_sample=False))
 
     hf_generate_batch(model, [([11] * 16, 4)], **options)  # warm-up
-    start = time.perf_counter()
-    for first in range(0, len(jobs), HF_BATCH_SIZE):
-        hf_generate_batch(model, jobs[first:first + HF_BATCH_SIZE], **options)
-    return sum(max_tokens for _, max_tokens in jobs), time.perf_counter() - start, f"batches of {HF_BATCH_SIZE}"
+    seconds = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for first in range(0, len(jobs), HF_BATCH_SIZE):
+            hf_generate_batch(model, jobs[first:first + HF_BATCH_SIZE], **options)
+        seconds.append(time.perf_counter() - start)
+    return sum(max_tokens for _, max_tokens in jobs), min(seconds), pass_note(f"batches of {HF_BATCH_SIZE}", seconds)
 
 
 class LegUnavailable(Exception):
     """The leg cannot run here (an engine option it needs does not exist yet, a peer that cannot be prepared)."""
 
 
-def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_num_seqs: int
+def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_num_seqs: int, passes: int
              ) -> tuple[int, float, str]:
     from neox_ray import LLM, SamplingParams
 
@@ -130,14 +142,16 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     llm.generate([[7] * 16, [8] * 16], [params(0, 4), params(1, 4)])  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate([prompt for prompt, _ in jobs], [params(i, m) for i, (_, m) in enumerate(jobs)])
-    seconds = time.perf_counter() - start
-    for index, (output, (_, max_tokens)) in enumerate(zip(outputs, jobs, strict=True)):
-        if len(output.outputs[0].token_ids) != max_tokens:
-            raise RuntimeError(f"job {index}: {len(output.outputs[0].token_ids)} tokens, {max_tokens} requested")
-    return (sum(max_tokens for _, max_tokens in jobs), seconds,
-            f"max_num_seqs {max_num_seqs}, KV cache {kv_cache_memory / 2**20:.0f} MiB")
+    seconds = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        outputs = llm.generate([prompt for prompt, _ in jobs], [params(i, m) for i, (_, m) in enumerate(jobs)])
+        seconds.append(time.perf_counter() - start)
+        for index, (output, (_, max_tokens)) in enumerate(zip(outputs, jobs, strict=True)):
+            if len(output.outputs[0].token_ids) != max_tokens:
+                raise RuntimeError(f"job {index}: {len(output.outputs[0].token_ids)} tokens, {max_tokens} requested")
+    return (sum(max_tokens for _, max_tokens in jobs), min(seconds),
+            pass_note(f"max_num_seqs {max_num_seqs}, KV cache {kv_cache_memory / 2**20:.0f} MiB", seconds))
 
 
 def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,17 +166,18 @@ def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
             torch.set_num_threads(args.threads)
             if leg.engine == "hf":
-                tokens, seconds, detail = run_hf(model_dir, jobs, leg.sampled)
+                tokens, seconds, detail = run_hf(model_dir, jobs, leg.sampled, args.passes)
             else:
-                tokens, seconds, detail = run_neox(model_dir, jobs, leg, args.max_num_seqs)
+                tokens, seconds, detail = run_neox(model_dir, jobs, leg, args.max_num_seqs, args.passes)
             peak = process_peak_rss_mib(os.getpid())
         else:
             if leg.engine == "llamacpp":
                 from peers import llamacpp as peer
             else:
                 from peers import ctranslate2_peer as peer  # type: ignore[no-redef]
-            outcome = peer.run(model_dir, jobs, args.threads, leg.precision)
-            tokens, seconds, peak, detail = outcome.tokens, outcome.seconds, outcome.peak_rss_mib, outcome.detail
+            outcome = peer.run(model_dir, jobs, args.threads, leg.precision, args.passes)
+            tokens, seconds, peak = outcome.tokens, min(outcome.seconds), outcome.peak_rss_mib
+            detail = pass_note(outcome.detail, outcome.seconds)
     except (LegUnavailable, PeerUnavailable) as exc:
         return {"status": "unavailable", "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - the table reports a failed leg and the others go on
@@ -213,7 +228,7 @@ def run_leg_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result_file = Path(scratch) / "result.json"
         command = [sys.executable, __file__, "--run-leg", name, "--leg-result", str(result_file),
                    "--shape", args.shape, "--threads", threads, "--num-prompts", str(args.num_prompts),
-                   "--max-num-seqs", str(args.max_num_seqs)]
+                   "--max-num-seqs", str(args.max_num_seqs), "--passes", str(args.passes)]
         done = subprocess.run(command, env=environment)
         if not result_file.exists():
             return {"status": "failed", "reason": f"the leg's process exited with {done.returncode}"}
@@ -295,6 +310,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=48)
     parser.add_argument("--max-num-seqs", type=int, default=48, help="neox-ray's max_num_seqs")
     parser.add_argument("--legs", default=",".join(LEGS), help=f"comma-separated subset of: {', '.join(LEGS)}")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="time the workload this many times in each leg's process and keep the fastest pass")
     parser.add_argument("--json", type=Path, help="also write the results and target lines to this file")
     parser.add_argument("--run-leg", choices=list(LEGS), help=argparse.SUPPRESS)
     parser.add_argument("--leg-result", type=Path, help=argparse.SUPPRESS)

@@ -26,9 +26,10 @@ PEER_REQUIREMENTS = ("ctranslate2==4.8.5", "transformers>=4.40,<5", "torch==2.13
 
 @dataclass
 class PeerRun:
-    """One timed generation by a peer: requested tokens it returned, wall seconds, its process's peak RSS."""
+    """A peer's timed generation of the workload: requested tokens it returned, the wall seconds of each pass,
+    its process's peak RSS."""
     tokens: int
-    seconds: float
+    seconds: list[float]
     peak_rss_mib: float | None
     detail: str
 

@@ -65,11 +65,14 @@ def prepare(checkpoint: Path, precisions: tuple[str, ...] = ("float32", "int8"))
         model_dir_for(checkpoint, precision)
 
 
-def run(checkpoint: Path, jobs: list[tuple[list[int], int]], threads: int, precision: str) -> PeerRun:
-    """Generates ``jobs`` (prompt token ids, max_tokens) greedily with CTranslate2 in a worker process."""
+def run(checkpoint: Path, jobs: list[tuple[list[int], int]], threads: int, precision: str, passes: int = 1
+        ) -> PeerRun:
+    """Generates ``jobs`` (prompt token ids, max_tokens) greedily with CTranslate2 in a worker process,
+    ``passes`` times."""
     model = model_dir_for(checkpoint, precision)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([str(peer_python()), str(WORKER), str(model), precision, str(threads), str(BATCH_SIZE)],
+    done = subprocess.run([str(peer_python()), str(WORKER), str(model), precision, str(threads), str(BATCH_SIZE),
+                           str(passes)],
                           input=json.dumps(jobs), capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         raise RuntimeError(f"ct2_worker.py failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")

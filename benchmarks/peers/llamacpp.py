@@ -162,8 +162,8 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def run(model_dir: Path, jobs: list[tuple[list[int], int]], threads: int, precision: str) -> PeerRun:
-    """Generates ``jobs`` (prompt token ids, max_tokens) greedily through ``llama-server``."""
+def run(model_dir: Path, jobs: list[tuple[list[int], int]], threads: int, precision: str, passes: int = 1) -> PeerRun:
+    """Generates ``jobs`` (prompt token ids, max_tokens) greedily through ``llama-server``, ``passes`` times."""
     binary, model = server_binary(), gguf_file(model_dir, precision)
     longest = max(len(prompt) + max_tokens for prompt, max_tokens in jobs)
     context = SLOTS * (-(-longest // 256) * 256)  # every slot can hold the longest request at once
@@ -191,10 +191,12 @@ def run(model_dir: Path, jobs: list[tuple[list[int], int]], threads: int, precis
                 "cache_prompt": False, "return_tokens": True, "stream": False}, timeout=3600)
 
         complete([11] * 16, 4)  # warm-up
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            replies = list(pool.map(lambda job: complete(*job), jobs))
-        seconds = time.perf_counter() - start
+        seconds = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                replies = list(pool.map(lambda job: complete(*job), jobs))
+            seconds.append(time.perf_counter() - start)
         peak = process_peak_rss_mib(server.pid)
     finally:
         _stop(server)
