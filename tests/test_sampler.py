@@ -145,14 +145,32 @@ def test_every_seed_works_and_the_uniform_stays_inside_zero_one() -> None:
     assert row_uniform(5, 0) != row_uniform(5, 1) != row_uniform(6, 1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _reference_mix64(value: int) -> int:
+    value &= _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def reference_row_uniform(seed: int, position: int) -> float:
+    """The seeded uniform written out with Python integers (splitmix64's finalizer, masked to 64 bits)."""
+    folded = _reference_mix64(seed) ^ _reference_mix64(seed >> 64)
+    key = _reference_mix64(folded ^ _reference_mix64(position + 0x9E3779B97F4A7C15)) >> 1
+    return ((key >> 10) + 0.5) * 2.0 ** -53
+
+
 def test_a_steps_uniforms_hashed_at_once_equal_the_per_row_hash() -> None:
-    """The sampler hashes a step's seeded rows in one numpy pass; the values are row_uniform's, bit for bit,
-    for seeds past 64 bits (per-sample offsets) and positions past 64 bits too."""
+    """The sampler hashes a step's seeded rows in one numpy pass; the values are the Python-integer hash's,
+    bit for bit, for seeds past 64 bits (per-sample offsets) and positions past 64 bits too."""
     generator = random.Random(3)
     seeds = [generator.randrange(2**64) for _ in range(500)] + [generator.randrange(2**90) for _ in range(100)]
     seeds += [0, 2**64 - 1, 2**64, 2**64 - 1 + 7919 * 3]
     positions = [generator.randrange(10**6) for _ in range(600)] + [0, 2**64 - 1, 2**64, 5]
-    assert row_uniforms(seeds, positions) == [row_uniform(s, p) for s, p in zip(seeds, positions, strict=True)]
+    want = [reference_row_uniform(seed, position) for seed, position in zip(seeds, positions, strict=True)]
+    assert row_uniforms(seeds, positions) == want
 
 
 def test_the_draw_never_lands_on_a_dropped_token_at_the_ends_of_zero_one() -> None:

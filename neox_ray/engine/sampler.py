@@ -44,44 +44,31 @@ TOP_P_PREFILTER = 256  # likeliest tokens taken with topk before top-p falls bac
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(value: int) -> int:
-    """splitmix64's finalizer: a bijection on 64-bit integers that spreads every input bit."""
-    value &= _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def generator_seed(seed: int, position: int) -> int:
-    """A 63-bit hash of one (seed, output position): the key a seeded row draws its uniform from (the name
-    is from when it seeded a torch generator)."""
-    folded = _mix64(seed) ^ _mix64(seed >> 64)  # seeds past 64 bits (per-sample offsets) still count
-    return _mix64(folded ^ _mix64(position + 0x9E3779B97F4A7C15)) >> 1
-
-
-def row_uniform(seed: int, position: int) -> float:
-    """The uniform number in (0, 1) that a seeded row samples its token at ``position`` with (53 bits)."""
-    return ((generator_seed(seed, position) >> 10) + 0.5) * 2.0 ** -53
-
-
 _GOLDEN64 = 0x9E3779B97F4A7C15
 
 
-def _mix64_array(values: np.ndarray) -> np.ndarray:
-    """:func:`_mix64` over a uint64 array (numpy's uint64 products wrap modulo 2**64, as the mask does)."""
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over a uint64 array: a bijection on 64-bit integers that spreads every input bit
+    (numpy's uint64 products wrap modulo 2**64)."""
     values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return values ^ (values >> np.uint64(31))
 
 
 def row_uniforms(seeds: Sequence[int], positions: Sequence[int]) -> list[float]:
-    """:func:`row_uniform` for many rows at once, the same values (a step's seeded rows: one numpy pass
-    instead of four Python-integer hashes per row)."""
+    """The uniform numbers in (0, 1) (53 bits) that seeded rows sample their tokens at ``positions`` with:
+    a 63-bit hash of each (seed, output position), folding in the seed's bits past 64 (per-sample offsets).
+    One numpy pass for a step's seeded rows."""
     low = np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64)
     high = np.array([(seed >> 64) & _MASK64 for seed in seeds], dtype=np.uint64)
     offsets = np.array([(position + _GOLDEN64) & _MASK64 for position in positions], dtype=np.uint64)
-    keys = _mix64_array(_mix64_array(low) ^ _mix64_array(high) ^ _mix64_array(offsets)) >> np.uint64(1)
+    keys = _mix64(_mix64(low) ^ _mix64(high) ^ _mix64(offsets)) >> np.uint64(1)
     return (((keys >> np.uint64(10)).astype(np.float64) + 0.5) * 2.0 ** -53).tolist()
+
+
+def row_uniform(seed: int, position: int) -> float:
+    """:func:`row_uniforms` of one row."""
+    return row_uniforms([seed], [position])[0]
 
 
 def _kept_by_top_k_top_p(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
