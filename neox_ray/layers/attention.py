@@ -165,6 +165,9 @@ class Attention(nn.Module):
                 value_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, value)
         if self.backend == "flash_attn":
             return self._flash_attn(query, key, value, meta)
+        with_kernel = meta.decode_path == "kernel" and bool(meta.decode_seqs)
+        if with_kernel and not meta.prefill_seqs:  # the usual decode step: no gather, no scatter
+            return self._decode_with_kernel(query, meta)
         output = torch.empty_like(query)
         for i in meta.prefill_seqs:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -177,17 +180,8 @@ class Attention(nn.Module):
                 mask = _causal_mask_with_offset(end - start, context_len, query.device)
             output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              mask, causal=mask is None)[0]
-        if meta.decode_path == "kernel" and meta.decode_seqs:
-            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-            key_cache, value_cache = self._cache()[0], self._cache()[1]
-            all_decode = not meta.prefill_seqs  # the usual decode step: no gather, no scatter
-            decoded = cpu_paged_attention.decode_attention(
-                query if all_decode else query[meta.decode_token_index], key_cache, value_cache,
-                meta.decode_block_tables, meta.decode_context_lens, self.scale,
-                tables_checked=meta.decode_tables_checked)
-            if all_decode:
-                return decoded
-            output[meta.decode_token_index] = decoded
+        if with_kernel:
+            output[meta.decode_token_index] = self._decode_with_kernel(query[meta.decode_token_index], meta)
         if meta.decode_runs is not None:
             self._decode_from_views(query, meta, output)
         for group in meta.decode_groups:
@@ -197,6 +191,14 @@ class Attention(nn.Module):
             out = self._attend(query[group.token_index].unsqueeze(1), kv[0], kv[1], group.mask, causal=False)
             output[group.token_index] = out[:, 0]
         return output
+
+    def _decode_with_kernel(self, queries: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The decode sequences' queries (one row each, in ``meta.decode_seqs`` order) through the C kernel."""
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        cache = self._cache()
+        return cpu_paged_attention.decode_attention(queries, cache[0], cache[1], meta.decode_block_tables,
+                                                    meta.decode_context_lens, self.scale,
+                                                    tables_checked=meta.decode_tables_checked)
 
     def _cache(self) -> torch.Tensor:
         """The paged KV cache; reading cached context before the model runner allocated it is a bug."""
