@@ -6,17 +6,24 @@
 #include <stdint.h>
 #include <string.h>
 
-/* bfloat16 <-> float. Widening is exact; narrowing rounds to nearest even and keeps NaN a NaN, as torch does. */
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
+/* A float's bit pattern and back (memcpy: the type pun C allows; compilers make it a register move). */
+static inline uint32_t float_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline float bits_float(uint32_t bits) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
+/* bfloat16 <-> float. Widening is exact; narrowing rounds to nearest even and keeps NaN a NaN, as torch does. */
+static inline float bf16_to_float(uint16_t x) { return bits_float(((uint32_t)x) << 16); }
+
 static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
+    uint32_t bits = float_bits(f);
     if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return (uint16_t)((bits >> 16) | 0x40);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
@@ -37,9 +44,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     const int32_t exponent = (int32_t)n + 127;
-    const uint32_t bits = (uint32_t)(exponent > 0 ? exponent : 0) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
+    const float scale = bits_float((uint32_t)(exponent > 0 ? exponent : 0) << 23);
     return x > -87.33654f ? p * scale : 0.0f;
 }
 

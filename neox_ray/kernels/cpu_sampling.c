@@ -29,18 +29,6 @@
 
 #define BLOCK 64
 
-static inline uint32_t float_bits(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    return bits;
-}
-
-static inline float bits_float(uint32_t bits) {
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* The largest of x[begin:end] (NaN ignored), and in *nan whether any is NaN: one vectorised pass. */
 static inline float peak_and_nan(const float* x, int64_t begin, int64_t end, int* nan) {
     float peak = -INFINITY;
