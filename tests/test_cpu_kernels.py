@@ -32,17 +32,24 @@ needs_kernel = pytest.mark.skipif(not cpu_paged_attention.available(torch.float3
 
 
 # ---- packed linears --------------------------------------------------------------------------------------
-@needs_packing
-@pytest.mark.parametrize("activation", [None, *FUSED_ACTIVATIONS, "quick_gelu"])
-@pytest.mark.parametrize("rows", [1, 7, 300])
-def test_packed_linear_equals_f_linear(activation: str | None, rows: int) -> None:
+def linear_problem(rows: int, activation: str | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random (96 x 48) linear with bias, ``rows`` inputs, and ``activation(F.linear(...))`` in float32:
+    (weight, bias, x, want)."""
     from neox_ray.layers.activation import get_activation
 
     generator = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(96, 48, generator=generator), torch.randn(96, generator=generator)
     x = torch.randn(rows, 48, generator=generator)
     want = F.linear(x, weight, bias)
-    want = get_activation(activation)(want) if activation else want
+    return weight, bias, x, get_activation(activation)(want) if activation else want
+
+
+@needs_packing
+@pytest.mark.parametrize("activation", [None, *FUSED_ACTIVATIONS, "quick_gelu"])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_packed_linear_equals_f_linear(activation: str | None, rows: int) -> None:
+    weight, bias, x, want = linear_problem(rows, activation)
     torch.testing.assert_close(packed_linear(x, pack_weight(weight), bias, activation), want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(packed_linear(x, pack_weight(weight), None), F.linear(x, weight), atol=2e-5, rtol=1e-5)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from checkpoints import VARIANTS
+from test_cpu_kernels import linear_problem
 from test_model import LENGTHS, packed_logits, random_batch
 
 from neox_ray.engine.engine_config import EngineConfig, flag_fields
@@ -24,7 +25,6 @@ from neox_ray.engine.model_runner import check_int8_runs
 from neox_ray.engine.schema import SettingsError
 from neox_ray.kernels import cpu_quantize
 from neox_ray.layers import cpu_int8
-from neox_ray.layers.activation import get_activation
 from neox_ray.loader import load_model
 
 needs_int8 = pytest.mark.skipif(not cpu_int8.int8_supported(torch.float32),
@@ -41,11 +41,7 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("activation", [None, *cpu_int8.FUSED_ACTIVATIONS, "quick_gelu"])
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_int8_linear_is_close_to_f_linear(activation: str | None, rows: int) -> None:
-    generator = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(96, 48, generator=generator), torch.randn(96, generator=generator)
-    x = torch.randn(rows, 48, generator=generator)
-    want = F.linear(x, weight, bias)
-    want = get_activation(activation)(want) if activation else want
+    weight, bias, x, want = linear_problem(rows, activation)
     packed = cpu_int8.pack_int8_weight(weight)
     assert relative(cpu_int8.int8_linear(x, packed, bias, activation), want) < 0.02
     assert relative(cpu_int8.int8_linear(x, packed, None), F.linear(x, weight)) < 0.02
