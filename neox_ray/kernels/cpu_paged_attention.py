@@ -47,9 +47,14 @@ def available(dtype: torch.dtype) -> bool:
     return dtype in _FUNCTIONS and _library() is not None
 
 
+def _outside(indices: torch.Tensor, size: int) -> bool:
+    """Whether any index is not in [0, size)."""
+    return bool(indices.numel()) and (int(indices.max()) >= size or int(indices.min()) < 0)
+
+
 def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
     """Raises ValueError unless every slot of ``slot_mapping`` is inside a cache of ``num_slots`` slots."""
-    if slot_mapping.numel() and (int(slot_mapping.max()) >= num_slots or int(slot_mapping.min()) < 0):
+    if _outside(slot_mapping, num_slots):
         raise ValueError("a slot mapping names a slot outside the cache")
 
 
@@ -80,7 +85,7 @@ def check_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, block_s
         raise ValueError("block_tables and context_lens need one row per query")
     if num_seqs and int(context_lens.max()) > block_tables.shape[1] * block_size:
         raise ValueError("a context is longer than its block table covers")
-    if num_seqs and num_blocks is not None and (int(block_tables.max()) >= num_blocks or int(block_tables.min()) < 0):
+    if num_blocks is not None and _outside(block_tables, num_blocks):
         raise ValueError("a block table names a block outside the cache")
 
 
