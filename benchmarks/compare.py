@@ -325,6 +325,9 @@ def main() -> None:
     unknown = [name for name in names if name not in LEGS]
     if unknown:
         parser.error(f"unknown leg(s) {', '.join(unknown)}; choose from {', '.join(LEGS)}")
+    for option in ("passes", "threads", "num_prompts", "max_num_seqs"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     model_dir = checkpoint(args.shape)
     jobs = workload(args.num_prompts, PROMPT_LEN, MAX_TOKENS)
     print(f"{args.num_prompts} prompts, {sum(len(p) for p, _ in jobs)} prompt tokens, "
