@@ -55,14 +55,24 @@ def _mix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(31))
 
 
-def row_uniforms(seeds: Sequence[int], positions: Sequence[int]) -> list[float]:
-    """The uniform numbers in (0, 1) (53 bits) that seeded rows sample their tokens at ``positions`` with:
-    a 63-bit hash of each (seed, output position), folding in the seed's bits past 64 (per-sample offsets).
-    One numpy pass for a step's seeded rows."""
+def _generator_keys(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """63-bit hashes (uint64) of each (seed, output position), folding in a seed's bits past 64 (per-sample
+    offsets): the keys seeded rows draw their uniforms from."""
     low = np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64)
     high = np.array([(seed >> 64) & _MASK64 for seed in seeds], dtype=np.uint64)
     offsets = np.array([(position + _GOLDEN64) & _MASK64 for position in positions], dtype=np.uint64)
-    keys = _mix64(_mix64(low) ^ _mix64(high) ^ _mix64(offsets)) >> np.uint64(1)
+    return _mix64(_mix64(low) ^ _mix64(high) ^ _mix64(offsets)) >> np.uint64(1)
+
+
+def generator_seed(seed: int, position: int) -> int:
+    """The 63-bit key of one (seed, output position) (the name is from when it seeded a torch generator)."""
+    return int(_generator_keys([seed], [position])[0])
+
+
+def row_uniforms(seeds: Sequence[int], positions: Sequence[int]) -> list[float]:
+    """The uniform numbers in (0, 1) (53 bits of each key) that seeded rows sample their tokens at
+    ``positions`` with; one numpy pass for a step's seeded rows."""
+    keys = _generator_keys(seeds, positions)
     return (((keys >> np.uint64(10)).astype(np.float64) + 0.5) * 2.0 ** -53).tolist()
 
 
