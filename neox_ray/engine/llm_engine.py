@@ -115,6 +115,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, eos)
         self.requests: dict[str, _RequestState] = {}
         self._seq_to_request: dict[int, tuple[_RequestState, _SampleState]] = {}
+        # The runner's copy of each block table: (the sequence's preemption count, blocks sent) by seq_id;
+        # steps send only what was appended since. Ended sequences are released with the next step.
+        self._blocks_sent: dict[int, tuple[int, int]] = {}
+        self._released_seq_ids: list[int] = []
         self._request_counter = itertools.count()
         self.num_generated_tokens = 0
         self.num_aborted = 0
@@ -295,9 +299,15 @@ class LLMEngine:
             return False
         for sample in state.samples:
             self.scheduler.finish(sample.seq, "abort")
-            self._seq_to_request.pop(sample.seq.seq_id, None)
+            self._forget(sample.seq.seq_id)
         self.num_aborted += 1
         return True
+
+    def _forget(self, seq_id: int) -> None:
+        """Drops an ended sequence; the runner frees its block table row with the next step."""
+        self._seq_to_request.pop(seq_id, None)
+        if self._blocks_sent.pop(seq_id, None) is not None:
+            self._released_seq_ids.append(seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._suspects)
@@ -368,7 +378,7 @@ class LLMEngine:
             if output.finished:
                 state = self.requests.pop(output.request_id)
                 for sample in state.samples:
-                    self._seq_to_request.pop(sample.seq.seq_id, None)
+                    self._forget(sample.seq.seq_id)
         return outputs + self._take_failed()
 
     def _execute(self, steps: list[SequenceStep]) -> StepOutput:
@@ -377,10 +387,12 @@ class LLMEngine:
         others' results are kept. If every request of a batch of several fails alone, or a lone request
         fails again while an earlier lone failure is still unexplained, the engine is broken and the
         first error is raised."""
+        released, self._released_seq_ids = self._released_seq_ids, []
         try:
-            step_output = self.executor.execute(StepInput(steps))
+            step_output = self.executor.execute(StepInput(steps, released))
         except Exception as exc:
             first_error = exc
+            self._released_seq_ids[:0] = released  # sent again with the next step (a release is idempotent)
         else:
             self._blame_suspects()  # the engine works without them
             return step_output
@@ -432,7 +444,7 @@ class LLMEngine:
         logger.warning("request %s failed: %r", state.request_id, exc)
         for sample in state.samples:
             self.scheduler.finish(sample.seq, "abort")
-            self._seq_to_request.pop(sample.seq.seq_id, None)
+            self._forget(sample.seq.seq_id)
         output = RequestOutput(
             state.request_id, state.prompt, state.prompt_token_ids,
             [CompletionOutput(index=s.seq.sample_index, text="", token_ids=list(s.seq.output_token_ids),
@@ -457,8 +469,12 @@ class LLMEngine:
     def _sequence_step(self, item: ScheduledSequence) -> SequenceStep:
         seq = item.seq
         start = seq.num_computed_tokens
+        preemptions, sent = self._blocks_sent.get(seq.seq_id, (seq.num_preemptions, 0))
+        if preemptions != seq.num_preemptions:
+            sent = 0  # preempted since: its blocks were freed and it holds a new table
         step = SequenceStep(seq.seq_id, seq.token_ids[start:start + item.num_new_tokens], start,
-                            list(seq.block_table))
+                            seq.block_table[sent:], block_table_start=sent)
+        self._blocks_sent[seq.seq_id] = (seq.num_preemptions, len(seq.block_table))
         if item.completes_prompt and not seq.prefill_only:
             step.sampling = self._sampling_row(seq)
         if seq.logprob_start is not None:

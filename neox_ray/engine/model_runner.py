@@ -1,8 +1,9 @@
 """Runs one step on one rank: builds the packed batch and attention metadata, runs the model, samples.
 
-Owns the model, the paged KV cache tensor (one preallocated tensor, a view per attention layer) and
-the sampler. It receives plain :class:`StepInput` data and returns :class:`StepOutput`; it never decides
-what to run (scheduler) and knows nothing of Ray (a Ray worker simply hosts one of these per rank).
+Owns the model, the paged KV cache tensor (one preallocated tensor, a view per attention layer), the
+persistent input buffers (block tables kept across steps) and the sampler. It receives plain
+:class:`StepInput` data and returns :class:`StepOutput`; it never decides what to run (scheduler) and
+knows nothing of Ray (a Ray worker simply hosts one of these per rank).
 
 Logits are only computed for the rows that need them: the last row of each sequence that samples, and
 the rows whose next token is known when logprobs are asked for (scoring, prompt logprobs), in bounded
@@ -19,6 +20,7 @@ from neox_ray.config import ModelConfig
 from neox_ray.distributed import tp_rank, tp_world_size
 from neox_ray.engine.cpu_tuning import keep_freed_memory_for_reuse
 from neox_ray.engine.engine_config import EngineConfig, check_int8_device
+from neox_ray.engine.input_buffers import InputBuffers
 from neox_ray.engine.sampler import Sampler
 from neox_ray.engine.step import StepInput, StepOutput, TokenLogprobs
 from neox_ray.kernels import cpu_paged_attention, cpu_sampling
@@ -92,6 +94,9 @@ class ModelRunner:
             use_kernel = self.attention_backend == "sdpa" and cpu_paged_attention.available(self.dtype)
             self.decode_path = "kernel" if use_kernel else "views"
         self.sampler = Sampler(config.seed)
+        self.inputs = InputBuffers(config.block_size, max_seqs=config.max_num_seqs,
+                                   max_blocks_per_seq=-(-(max_model_len + 1) // config.block_size),
+                                   max_tokens=config.max_num_batched_tokens)
         self.num_kv_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
 
@@ -162,30 +167,14 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def execute(self, step: StepInput) -> StepOutput:
-        block_size = self.config.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        context_lens = []
-        for seq in step.sequences:
-            n = len(seq.new_token_ids)
-            input_ids.extend(seq.new_token_ids)
-            seq_positions = range(seq.start_position, seq.start_position + n)
-            positions.extend(seq_positions)
-            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in seq_positions)
-            starts.append(starts[-1] + n)
-            context_lens.append(seq.start_position + n)
-        max_blocks = max(len(s.block_table) for s in step.sequences)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.sequences]
         device = self.device
+        arrays = self.inputs.prepare(step)
+        starts = arrays.query_start_loc
         meta = AttentionMetadata(
-            query_start_loc=starts, context_lens=context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=device)).to(
-                device, block_size, self.decode_path, num_cache_blocks=self.num_kv_blocks)
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=device),
-                            torch.tensor(positions, dtype=torch.long, device=device), meta)
+            query_start_loc=starts, context_lens=arrays.context_lens,
+            slot_mapping=arrays.slot_mapping.to(device), block_tables=arrays.block_tables.to(device)).to(
+                device, self.config.block_size, self.decode_path, num_cache_blocks=self.num_kv_blocks)
+        hidden = self.model(arrays.input_ids.to(device), arrays.positions.to(device), meta)
 
         output = StepOutput()
         sampling_rows = [(i, s.seq_id, s.sampling) for i, s in enumerate(step.sequences) if s.sampling is not None]

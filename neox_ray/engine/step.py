@@ -1,8 +1,11 @@
 """The plain-data contract between the engine (scheduler side) and the model runner(s). Pure Python.
 
-A :class:`StepInput` is everything a runner needs for one forward pass; it is picklable so the same
-object goes to an in-process runner or to every rank of a Ray shard group. A :class:`StepOutput` is what
-comes back (from rank 0): sampled tokens and requested logprobs, keyed by sequence id.
+A :class:`StepInput` is everything a runner needs for one forward pass, given what earlier steps told it:
+block tables travel as increments (a sequence's blocks appended since the runner last saw it) and ended
+sequences are named once, so the runner keeps each table in a persistent buffer
+(:mod:`neox_ray.engine.input_buffers`). It is picklable so the same object goes to an in-process runner or
+to every rank of a Ray shard group. A :class:`StepOutput` is what comes back (from rank 0): sampled tokens
+and requested logprobs, keyed by sequence id.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ class SequenceStep:
     seq_id: int
     new_token_ids: list[int]          # fed this step
     start_position: int               # position of new_token_ids[0] (= tokens already cached)
-    block_table: list[int]
+    # The sequence's block table from index block_table_start on (0 with the whole table: a new sequence,
+    # or one preempted and readmitted); entries before it are the ones the runner already holds.
+    new_block_ids: list[int]
+    block_table_start: int = 0
     sampling: SamplingRow | None = None   # set when this step completes the sequence's tokens and it samples
     # Logprobs of known next tokens ("prompt logprobs" / scoring): rows [first_logprob_row, ...) of this chunk
     # predict logprob_targets, in order.
@@ -56,6 +62,7 @@ class SequenceStep:
 @dataclass
 class StepInput:
     sequences: list[SequenceStep]
+    released_seq_ids: list[int] = field(default_factory=list)  # ended since the last step: their rows go
 
 
 @dataclass
