@@ -44,7 +44,7 @@ def test_incremental_tables_match_whole_tables_over_many_steps() -> None:
     """Random sequences prefill in chunks, decode, get preempted (a new, shorter table from index 0) and end;
     every step's arrays equal the ones built from the whole tables."""
     rng = random.Random(0)
-    buffers = InputBuffers(BLOCK, max_seqs=2, max_blocks_per_seq=2, max_tokens=4)  # small: forces growth
+    buffers = InputBuffers(BLOCK)
     tables: dict[int, list[int]] = {}
     sent: dict[int, int] = {}
     computed: dict[int, int] = {}
@@ -79,17 +79,16 @@ def test_incremental_tables_match_whole_tables_over_many_steps() -> None:
         assert packed(buffers, step) == expected
         assert packed(buffers, step) == expected  # a rerun (failed step, bisection) writes the same
         released = []
-    assert buffers.tables.shape[0] > 2 and buffers.tables.shape[1] > 2 and buffers.token_ids.shape[0] > 4
+    assert set(buffers.tables) <= set(tables) and len(buffers.tables) >= len(tables) - 1  # ended ones dropped
 
 
-def test_released_rows_are_cleared_and_reused() -> None:
-    buffers = InputBuffers(BLOCK, max_seqs=2)
+def test_released_tables_are_dropped_and_a_release_may_repeat() -> None:
+    buffers = InputBuffers(BLOCK)
     buffers.prepare(StepInput([SequenceStep(1, [5] * 9, 0, [7, 8, 9]), SequenceStep(2, [6], 0, [3])]))
-    row = buffers.row_of[1]
     buffers.prepare(StepInput([SequenceStep(2, [6], 1, [])], released_seq_ids=[1, 1, 12345]))
-    assert 1 not in buffers.row_of and buffers.tables[row].tolist()[:3] == [0, 0, 0]
-    buffers.prepare(StepInput([SequenceStep(3, [4], 0, [11])]))
-    assert buffers.row_of[3] == row  # the freed row is taken again, not a new one
+    assert set(buffers.tables) == {2}
+    buffers.prepare(StepInput([SequenceStep(2, [6], 2, [])], released_seq_ids=[1]))
+    assert buffers.tables == {2: [3]}
 
 
 def test_an_update_past_what_the_runner_holds_is_a_clear_error() -> None:

@@ -94,9 +94,7 @@ class ModelRunner:
             use_kernel = self.attention_backend == "sdpa" and cpu_paged_attention.available(self.dtype)
             self.decode_path = "kernel" if use_kernel else "views"
         self.sampler = Sampler(config.seed)
-        self.inputs = InputBuffers(config.block_size, max_seqs=config.max_num_seqs,
-                                   max_blocks_per_seq=-(-(max_model_len + 1) // config.block_size),
-                                   max_tokens=config.max_num_batched_tokens)
+        self.inputs = InputBuffers(config.block_size)
         self.num_kv_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
 
