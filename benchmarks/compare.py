@@ -28,7 +28,8 @@ runs; int8: llama.cpp q8_0, CTranslate2 int8); the fastest neox-ray leg >= 12x H
 
 With ``--passes N`` every leg runs the whole workload N times in its process and reports its fastest pass (the
 first pass of a process pays one-time costs: ~10 % for neox-ray's fastest mode here, see benchmarks/README.md);
-the default, 1, times that first pass for every engine.
+the default, 1, times that first pass for every engine. ``--async-scheduling`` runs the neox-ray legs with
+``async_scheduling=True`` (each forward pass on a worker thread while the previous step's output is processed).
 
     python benchmarks/compare.py --shape pythia-70m                  # every leg, 48 prompts, 2 threads
     python benchmarks/compare.py --legs hf-fp32,neox-fp32,llamacpp-f32 --num-prompts 8 --json out.json
@@ -118,8 +119,8 @@ class LegUnavailable(Exception):
     """The leg cannot run here (an engine option it needs does not exist yet, a peer that cannot be prepared)."""
 
 
-def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_num_seqs: int, passes: int
-             ) -> tuple[int, float, str]:
+def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_num_seqs: int, passes: int,
+             async_scheduling: bool = False) -> tuple[int, float, str]:
     from neox_ray import LLM, SamplingParams
 
     options = NEOX_OPTIONS[leg.precision]
@@ -131,7 +132,8 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
     kv_cache_memory = max_num_seqs * (longest + 16) * 2 * config["num_hidden_layers"] * config["hidden_size"] * element
     try:
         llm = LLM(str(model_dir), device="cpu", max_num_seqs=max_num_seqs, block_size=16,
-                  enable_prefix_caching=False, kv_cache_memory=kv_cache_memory, **options)
+                  enable_prefix_caching=False, kv_cache_memory=kv_cache_memory, async_scheduling=async_scheduling,
+                  **options)
     except (TypeError, ValueError) as exc:
         raise LegUnavailable(f"LLM({', '.join(f'{k}={v!r}' for k, v in options.items())}): {exc}") from None
 
@@ -151,7 +153,8 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
             if len(output.outputs[0].token_ids) != max_tokens:
                 raise RuntimeError(f"job {index}: {len(output.outputs[0].token_ids)} tokens, {max_tokens} requested")
     return (sum(max_tokens for _, max_tokens in jobs), min(seconds),
-            pass_note(f"max_num_seqs {max_num_seqs}, KV cache {kv_cache_memory / 2**20:.0f} MiB", seconds))
+            pass_note(f"max_num_seqs {max_num_seqs}, KV cache {kv_cache_memory / 2**20:.0f} MiB"
+                      + (", async scheduling" if async_scheduling else ""), seconds))
 
 
 def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +171,8 @@ def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if leg.engine == "hf":
                 tokens, seconds, detail = run_hf(model_dir, jobs, leg.sampled, args.passes)
             else:
-                tokens, seconds, detail = run_neox(model_dir, jobs, leg, args.max_num_seqs, args.passes)
+                tokens, seconds, detail = run_neox(model_dir, jobs, leg, args.max_num_seqs, args.passes,
+                                                   args.async_scheduling)
             peak = process_peak_rss_mib(os.getpid())
         else:
             if leg.engine == "llamacpp":
@@ -229,6 +233,7 @@ def run_leg_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
         command = [sys.executable, __file__, "--run-leg", name, "--leg-result", str(result_file),
                    "--shape", args.shape, "--threads", threads, "--num-prompts", str(args.num_prompts),
                    "--max-num-seqs", str(args.max_num_seqs), "--passes", str(args.passes)]
+        command += ["--async-scheduling"] if args.async_scheduling else []
         done = subprocess.run(command, env=environment)
         if not result_file.exists():
             return {"status": "failed", "reason": f"the leg's process exited with {done.returncode}"}
@@ -312,6 +317,8 @@ def main() -> None:
     parser.add_argument("--legs", default=",".join(LEGS), help=f"comma-separated subset of: {', '.join(LEGS)}")
     parser.add_argument("--passes", type=int, default=1,
                         help="time the workload this many times in each leg's process and keep the fastest pass")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="neox-ray legs run with async_scheduling (next forward pass overlaps output processing)")
     parser.add_argument("--json", type=Path, help="also write the results and target lines to this file")
     parser.add_argument("--run-leg", choices=list(LEGS), help=argparse.SUPPRESS)
     parser.add_argument("--leg-result", type=Path, help=argparse.SUPPRESS)

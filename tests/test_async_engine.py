@@ -57,9 +57,9 @@ def _poison_detokenizer(engine: LLMEngine) -> None:
     engine._on_new_token = faulty  # type: ignore[method-assign]
 
 
-@pytest.fixture()
-def llm(tiny_checkpoint: Path) -> LLM:
-    return LLM(str(tiny_checkpoint), block_size=4)
+@pytest.fixture(params=[False, True], ids=["sync", "async_scheduling"])
+def llm(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> LLM:
+    return LLM(str(tiny_checkpoint), block_size=4, async_scheduling=request.param)
 
 
 @pytest.fixture()

@@ -3,7 +3,8 @@
 ``LLMEngine`` owns the tokenizer, the scheduler and an executor. ``add_request`` validates and queues a
 request (``n`` samples become ``n`` sequences sharing the prompt's cached blocks); ``step`` schedules,
 runs one forward pass through the executor, applies sampled tokens, detokenizes incrementally, checks
-stop strings and returns the requests that changed. ``abort`` frees a request's blocks at once. A failure
+stop strings and returns the requests that changed; with ``async_scheduling`` the next forward pass runs
+on a worker thread while that output processing happens. ``abort`` frees a request's blocks at once. A failure
 that belongs to one request fails that request alone (``RequestOutput.error``; a failed forward pass is
 rerun request by request to find out whose it is); only what cannot be pinned on a request raises.
 ``score`` fans texts out into prefill-only window requests (:mod:`neox_ray.engine.scoring`) and back;
@@ -21,6 +22,7 @@ import logging
 import operator
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from neox_ray.config import ModelConfig
@@ -62,6 +64,15 @@ class RequestFailedError(RuntimeError):
     def __init__(self, request_id: str, error: str):
         super().__init__(error)
         self.request_id = request_id
+
+
+@dataclass
+class _LaunchedStep:
+    """A scheduled step whose forward pass has started (or, without async_scheduling, already ran)."""
+    scheduled: list[ScheduledSequence]
+    runnable: list[SequenceStep]
+    released: list[int]                  # ended sequences' ids this pass told the runner about
+    result: Future[StepOutput]
 
 
 @dataclass
@@ -124,6 +135,10 @@ class LLMEngine:
         self.num_aborted = 0
         self.num_failed = 0
         self._failed: list[RequestOutput] = []               # failed requests' outputs, for the next return
+        # async_scheduling: forward passes run on this thread, one at a time, while this one processes outputs.
+        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="neox-ray-forward")
+                        if config.async_scheduling else None)
+        self._in_flight: _LaunchedStep | None = None
         self._suspects: dict[str, RequestOutput] = {}        # failed alone; held until the engine works again
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -310,7 +325,7 @@ class LLMEngine:
             self._released_seq_ids.append(seq_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._suspects)
+        return self.scheduler.has_unfinished() or bool(self._suspects) or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -320,11 +335,37 @@ class LLMEngine:
         recording its logprobs, detokenizing, stop checks, its output) finishes that request with
         ``error`` set and the step goes on for the others. What cannot be pinned on a request raises:
         the engine itself is broken.
+
+        With ``async_scheduling`` the forward pass runs on a worker thread: a call collects the pass
+        launched by the previous call, appends its tokens (eos, stop ids and max_tokens end sequences
+        here), launches the next pass, and only then detokenizes, checks stop strings and builds the
+        outputs of the collected one while the next runs. A sequence a stop string (or an abort) ends in
+        that window has one more token computed, which is dropped.
         """
+        if self._worker is None:
+            launched = self._launch()
+            if launched is None:
+                self._blame_suspects()  # nothing else will run to tell a broken engine from a bad request
+                return self._take_failed()
+            step_output = self._collect(launched)
+            return self._finish_step(self._apply(launched, step_output), step_output)
+        collected, self._in_flight = self._in_flight, None
+        changed: list[Sequence] = []
+        step_output = StepOutput()
+        if collected is not None:
+            step_output = self._collect(collected)
+            changed = self._apply(collected, step_output)
+        self._in_flight = self._launch()
+        if collected is None and self._in_flight is None:
+            self._blame_suspects()
+        return self._finish_step(changed, step_output)
+
+    def _launch(self) -> _LaunchedStep | None:
+        """Schedules a step, builds its inputs (failing requests whose inputs cannot be built) and starts
+        the forward pass: on the worker thread with ``async_scheduling``, else here. None: nothing to run."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            self._blame_suspects()  # nothing else will run to tell a broken engine from a bad request
-            return self._take_failed()
+            return None
         steps: list[SequenceStep] = []
         for item in scheduled:
             entry = self._seq_to_request.get(item.seq.seq_id)
@@ -335,7 +376,66 @@ class LLMEngine:
                     raise
                 self._fail_request(entry[0], exc)
         runnable = [step for step in steps if step.seq_id in self._seq_to_request]
-        step_output = self._execute(runnable) if runnable else StepOutput()
+        released, self._released_seq_ids = self._released_seq_ids, []
+        result: Future[StepOutput] = Future()
+        if not runnable:
+            result.set_result(StepOutput())
+        elif self._worker is not None:
+            result = self._worker.submit(self.executor.execute, StepInput(runnable, released))
+        else:
+            try:
+                result.set_result(self.executor.execute(StepInput(runnable, released)))
+            except Exception as exc:
+                result.set_exception(exc)
+        return _LaunchedStep(scheduled, runnable, released, result)
+
+    def _collect(self, launched: _LaunchedStep) -> StepOutput:
+        """The launched pass's output. If it failed, the step is split by request and rerun in halves
+        (bisection: a few extra passes find the faulty request among many); requests that fail alone fail,
+        the others' results are kept. If every request of a batch of several fails alone, or a lone request
+        fails again while an earlier lone failure is still unexplained, the engine is broken and the first
+        error is raised."""
+        try:
+            step_output = launched.result.result()
+        except Exception as exc:
+            first_error = exc
+            self._released_seq_ids[:0] = launched.released  # sent again with the next step (idempotent)
+        else:
+            if launched.runnable:
+                self._blame_suspects()  # the engine works without them
+            return step_output
+        # Requests that ended while the pass ran (async_scheduling: a stop string, an abort) are not rerun.
+        steps = [step for step in launched.runnable if step.seq_id in self._seq_to_request]
+        if not steps:
+            return StepOutput()
+        by_request: dict[str, list[SequenceStep]] = {}
+        for step in steps:
+            by_request.setdefault(self._seq_to_request[step.seq_id][0].request_id, []).append(step)
+        logger.warning("a step of %d requests failed (%r); rerunning it split by request", len(by_request),
+                       first_error)
+        merged = StepOutput()
+        failures: list[tuple[_RequestState, Exception]] = []
+        groups = list(by_request.values())
+        if len(groups) == 1:
+            self._run_bisecting(groups, merged, failures)
+        else:
+            self._run_bisecting(groups[:len(groups) // 2], merged, failures)
+            self._run_bisecting(groups[len(groups) // 2:], merged, failures)
+        if len(failures) < len(groups):
+            self._blame_suspects()
+            for failed_state, failure in failures:
+                self._fail_request(failed_state, failure)
+            return merged
+        if len(groups) > 1 or self._suspects:
+            raise first_error
+        # One request, failing alone: it or the engine. Hold its verdict until another forward pass runs.
+        self._fail_request(*failures[0], hold=True)
+        return merged
+
+    def _apply(self, launched: _LaunchedStep, step_output: StepOutput) -> list[Sequence]:
+        """Records prompt logprobs and appends sampled tokens (ending sequences on eos, a stop id or
+        max_tokens); returns the sequences that changed."""
+        scheduled = launched.scheduled
         for item in scheduled:
             entry = self._seq_to_request.get(item.seq.seq_id)
             if entry is None:
@@ -344,12 +444,15 @@ class LLMEngine:
                 self._record_prompt_logprobs(item, step_output)
             except Exception as exc:
                 self._fail_request(entry[0], exc)
-        ran = {step.seq_id for step in runnable}
+        ran = {step.seq_id for step in launched.runnable}
         scheduled = [item for item in scheduled if item.seq.seq_id in ran]
         sampled = {seq_id: r.token_id for seq_id, r in step_output.samples.items()}
         self.num_generated_tokens += sum(1 for item in scheduled if item.completes_prompt and not item.seq.prefill_only
                                          and item.seq.seq_id in self._seq_to_request)
-        changed = self.scheduler.update(scheduled, sampled)
+        return self.scheduler.update(scheduled, sampled)
+
+    def _finish_step(self, changed: list[Sequence], step_output: StepOutput) -> list[RequestOutput]:
+        """Detokenizes the new tokens, checks stop strings and builds the changed requests' outputs."""
         touched: dict[str, _RequestState] = {}
         now = time.monotonic()
         for seq in changed:
@@ -380,45 +483,6 @@ class LLMEngine:
                 for sample in state.samples:
                     self._forget(sample.seq.seq_id)
         return outputs + self._take_failed()
-
-    def _execute(self, steps: list[SequenceStep]) -> StepOutput:
-        """One forward pass. If it fails, the step is split by request and rerun in halves (bisection:
-        a few extra passes find the faulty request among many); requests that fail alone fail, the
-        others' results are kept. If every request of a batch of several fails alone, or a lone request
-        fails again while an earlier lone failure is still unexplained, the engine is broken and the
-        first error is raised."""
-        released, self._released_seq_ids = self._released_seq_ids, []
-        try:
-            step_output = self.executor.execute(StepInput(steps, released))
-        except Exception as exc:
-            first_error = exc
-            self._released_seq_ids[:0] = released  # sent again with the next step (a release is idempotent)
-        else:
-            self._blame_suspects()  # the engine works without them
-            return step_output
-        by_request: dict[str, list[SequenceStep]] = {}
-        for step in steps:
-            by_request.setdefault(self._seq_to_request[step.seq_id][0].request_id, []).append(step)
-        logger.warning("a step of %d requests failed (%r); rerunning it split by request", len(by_request),
-                       first_error)
-        merged = StepOutput()
-        failures: list[tuple[_RequestState, Exception]] = []
-        groups = list(by_request.values())
-        if len(groups) == 1:
-            self._run_bisecting(groups, merged, failures)
-        else:
-            self._run_bisecting(groups[:len(groups) // 2], merged, failures)
-            self._run_bisecting(groups[len(groups) // 2:], merged, failures)
-        if len(failures) < len(groups):
-            self._blame_suspects()
-            for failed_state, failure in failures:
-                self._fail_request(failed_state, failure)
-            return merged
-        if len(groups) > 1 or self._suspects:
-            raise first_error
-        # One request, failing alone: it or the engine. Hold its verdict until another forward pass runs.
-        self._fail_request(*failures[0], hold=True)
-        return merged
 
     def _run_bisecting(self, groups: list[list[SequenceStep]], merged: StepOutput,
                        failures: list[tuple[_RequestState, Exception]]) -> None:
@@ -593,4 +657,6 @@ class LLMEngine:
                 "aborted_requests": self.num_aborted, "failed_requests": self.num_failed}
 
     def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # a pass in flight ends before its runner goes
         self.executor.shutdown()

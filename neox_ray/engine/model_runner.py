@@ -163,8 +163,16 @@ class ModelRunner:
             attention.kv_cache = self.kv_cache[i]
 
     # ---- one step ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def execute(self, step: StepInput) -> StepOutput:
+        """One step. The engine may call it from its forward-pass thread (async_scheduling), where the CUDA
+        device is not inherited, hence the guard."""
+        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
+            with torch.cuda.device(self.device):
+                return self._execute(step)
+        return self._execute(step)
+
+    @torch.no_grad()
+    def _execute(self, step: StepInput) -> StepOutput:
         device = self.device
         arrays = self.inputs.prepare(step)
         starts = arrays.query_start_loc

@@ -154,7 +154,8 @@ class FieldSpec:
         if shown_default is not None and shown_default != []:
             shown = str(shown_default).lower() if isinstance(shown_default, bool) else shown_default
             help_text += f" (default {shown})"
-        options: dict[str, Any] = {"dest": self.name, "default": None, "help": help_text}
+        # argparse formats help with %: a description's own % must not be read as a format.
+        options: dict[str, Any] = {"dest": self.name, "default": None, "help": help_text.replace("%", "%%")}
         if self.value_type is bool and not self.is_list:
             options["action"] = argparse.BooleanOptionalAction
             return options
