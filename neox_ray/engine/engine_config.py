@@ -60,7 +60,7 @@ class EngineConfig(StrictSettings):
     async_scheduling: bool = setting(
         False, tags=[FLAG], description="run each forward pass on a worker thread while the previous step's "
                                         "tokens are detokenized, stop-checked and returned (off by default: on a "
-                                        "CPU whose cores all run the forward pass's threads it was 30-40% slower)")
+                                        "CPU whose cores all run the forward pass's threads it was 18-36% slower)")
     max_model_len: int | None = setting(None, ge=1, tags=[FLAG],
                                         description="context length (default: the model's max_position_embeddings)")
     tensor_parallel_size: int = setting(1, ge=1, tags=[FLAG], description="GPUs (shard-group workers) per engine")
