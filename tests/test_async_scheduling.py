@@ -133,3 +133,21 @@ def test_shutdown_waits_for_the_pass_in_flight(tiny_checkpoint: Path) -> None:
     assert llm.engine._in_flight is not None
     llm.shutdown()
     assert llm.engine._worker is not None and llm.engine._worker._shutdown
+
+
+def test_a_sample_stopped_by_a_string_while_its_sibling_runs_on(engines: dict[bool, LLM]) -> None:
+    """n=2: a stop string ends one sample while the other keeps generating; the stopped sample's extra token
+    is dropped, not appended and not counted."""
+    prompt = prompts([7], seed=6)[0]
+    free = SamplingParams(temperature=1.0, max_tokens=24, seed=11, n=2, ignore_eos=True)
+    texts = [c.text for c in engines[False].generate([prompt], free)[0].outputs]
+    stop = next(texts[0][i:i + 2] for i in range(3, len(texts[0]) - 2) if texts[0][i:i + 2] not in texts[1])
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=11, n=2, ignore_eos=True, stop=[stop])
+    before = {mode: llm.engine.num_generated_tokens for mode, llm in engines.items()}
+    results = {mode: llm.generate([prompt], params)[0] for mode, llm in engines.items()}
+    assert summary(results[True]) == summary(results[False])
+    stopped, running = results[True].outputs
+    assert stopped.stop_reason == stop and running.finish_reason == "length"
+    assert len(stopped.token_ids) < len(running.token_ids) == 24
+    generated = {mode: llm.engine.num_generated_tokens - before[mode] for mode, llm in engines.items()}
+    assert generated[True] == generated[False] == len(stopped.token_ids) + 24

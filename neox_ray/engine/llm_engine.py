@@ -447,8 +447,10 @@ class LLMEngine:
         ran = {step.seq_id for step in launched.runnable}
         scheduled = [item for item in scheduled if item.seq.seq_id in ran]
         sampled = {seq_id: r.token_id for seq_id, r in step_output.samples.items()}
+        # Not a sequence that ended while its pass ran (async_scheduling: a stop string, with samples of its
+        # request still running): update drops that token.
         self.num_generated_tokens += sum(1 for item in scheduled if item.completes_prompt and not item.seq.prefill_only
-                                         and item.seq.seq_id in self._seq_to_request)
+                                         and not item.seq.is_finished and item.seq.seq_id in self._seq_to_request)
         return self.scheduler.update(scheduled, sampled)
 
     def _finish_step(self, changed: list[Sequence], step_output: StepOutput) -> list[RequestOutput]:
