@@ -34,9 +34,12 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_matches_single_rank(ray_session, odd_vocab_checkpoint: Path, reference: LLM, tp: int):
-    llm = LLM(str(odd_vocab_checkpoint), tensor_parallel_size=tp, **TP_OPTIONS)
+@pytest.mark.parametrize(("tp", "async_scheduling"), [(2, False), (4, False), (2, True)],
+                         ids=["tp2", "tp4", "tp2-async_scheduling"])
+def test_tensor_parallel_matches_single_rank(ray_session, odd_vocab_checkpoint: Path, reference: LLM, tp: int,
+                                             async_scheduling: bool):
+    """(With async_scheduling the engine drives the shard group from its forward-pass thread.)"""
+    llm = LLM(str(odd_vocab_checkpoint), tensor_parallel_size=tp, async_scheduling=async_scheduling, **TP_OPTIONS)
     try:
         logprob_params = SamplingParams(max_tokens=1, prompt_logprobs=0)
         ours_all, refs = llm.generate(prompts(), logprob_params), reference.generate(prompts(), logprob_params)
