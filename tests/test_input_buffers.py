@@ -136,3 +136,26 @@ def test_engine_sends_each_block_once_and_releases_ended_sequences(tiny_checkpoi
     assert released == [short]  # the first to end, named once by the next step; the other with the next call
     llm.generate([[4] * 3], SamplingParams(max_tokens=1))
     assert recorder.steps[-1].released_seq_ids == [long_]
+
+
+def test_a_release_waits_for_a_pass_that_runs(tiny_checkpoint: Path) -> None:
+    """An ended sequence's release is not lost when the next step runs no pass (every request it scheduled
+    failed while its inputs were built): the next pass that runs carries it."""
+    llm = LLM(str(tiny_checkpoint), block_size=BLOCK)
+    recorder = RecordingExecutor(llm.engine.executor)
+    llm.engine.executor = recorder
+    engine = llm.engine
+    llm.generate([[5] * 6], SamplingParams(max_tokens=2))
+    ended = recorder.steps[-1].sequences[0].seq_id
+    build = engine._sequence_step
+
+    def failing(item):
+        raise RuntimeError("cannot build this request's inputs")
+
+    engine._sequence_step = failing
+    failed = engine.add_request([6] * 4, SamplingParams(max_tokens=2))
+    outputs = engine.step()
+    assert [o.request_id for o in outputs] == [failed] and outputs[0].error
+    engine._sequence_step = build
+    llm.generate([[7] * 5], SamplingParams(max_tokens=2))
+    assert [seq_id for step in recorder.steps for seq_id in step.released_seq_ids] == [ended]

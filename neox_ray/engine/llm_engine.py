@@ -376,11 +376,12 @@ class LLMEngine:
                     raise
                 self._fail_request(entry[0], exc)
         runnable = [step for step in steps if step.seq_id in self._seq_to_request]
-        released, self._released_seq_ids = self._released_seq_ids, []
         result: Future[StepOutput] = Future()
-        if not runnable:
+        if not runnable:  # the releases wait for a pass that runs
             result.set_result(StepOutput())
-        elif self._worker is not None:
+            return _LaunchedStep(scheduled, runnable, [], result)
+        released, self._released_seq_ids = self._released_seq_ids, []
+        if self._worker is not None:
             result = self._worker.submit(self.executor.execute, StepInput(runnable, released))
         else:
             try:
