@@ -166,6 +166,22 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_checkpoint: Path) -
     assert [o.outputs[0].token_ids for o in first + rest] == expected
 
 
+def test_perplexity_windows_stay_out_of_the_prefix_cache(tiny_checkpoint: Path) -> None:
+    """Scoring windows are never a later prompt's prefix: they publish no blocks (so they evict no cached
+    prefix) and reuse their freed blocks; a generated prompt's prefix stays cached through them."""
+    llm = LLM(str(tiny_checkpoint), block_size=4, enable_prefix_caching=True, max_num_seqs=2)
+    system = random_prompts([32], seed=14)[0]
+    llm.generate([system + [5]], SamplingParams(temperature=0.0, max_tokens=2))
+    manager = llm.engine.block_manager
+    published = dict(manager.hash_to_block)
+    assert len(published) >= 8
+    scores = llm.score(random_prompts([40, 70, 25, 90, 60], seed=15), window=32, stride=16)
+    assert all(s.num_tokens > 0 for s in scores)
+    assert manager.hash_to_block == published
+    llm.generate([system + [6]], SamplingParams(temperature=0.0, max_tokens=2))
+    assert manager.prefix_cache_hits >= 8
+
+
 def test_seeded_sampling_is_batch_invariant(llm: LLM) -> None:
     target = random_prompts([15], seed=12)[0]
     params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20, seed=1234, ignore_eos=True)

@@ -149,6 +149,33 @@ def test_logprob_requests_bypass_the_prefix_cache() -> None:
     assert scheduler.schedule()[0].num_new_tokens == 10
 
 
+def test_sequences_that_do_not_cache_their_prefix_leave_the_cache_alone() -> None:
+    """cache_prefix=False (perplexity windows): no blocks published; freed blocks are reused before untouched
+    ones and before other sequences' cached prefixes, which stay cached. (Not contiguity-preferring: the views
+    decode path's allocator takes a consecutive run over cached blocks when that is the run it finds.)"""
+    manager = BlockManager(12, 4, prefer_contiguous=False)
+    scheduler = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
+    cached = make_seq(9, 1)
+    scheduler.add(cached)
+    run_to_completion(scheduler)
+    prefix_blocks = dict(manager.hash_to_block)
+    assert len(prefix_blocks) == 2
+    used: set[int] = set()
+    for first_token in (2000, 3000, 4000):
+        window = make_seq(9, 1, first_token=first_token)
+        window.cache_prefix = False
+        scheduler.add(window)
+        scheduler.schedule()
+        used.update(window.block_table)
+        run_to_completion(scheduler)
+    assert manager.hash_to_block == prefix_blocks  # nothing published, nothing evicted
+    assert len(used) == 3  # the same 3 blocks each time, not fresh ones
+    again = make_seq(9, 1)
+    scheduler.add(again)
+    scheduler.schedule()
+    assert again.num_cached_tokens == 8
+
+
 def test_stop_conditions() -> None:
     scheduler = Scheduler(BlockManager(32, 4), max_num_seqs=4, max_num_batched_tokens=64, eos_token_ids={2})
     eos = Sequence("r", [5, 6], SamplingParams(max_tokens=5))

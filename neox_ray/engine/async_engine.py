@@ -73,6 +73,7 @@ class EngineRequest:
     prefill_only: bool = False
     logprob_start: int | None = None
     request_id: str | None = None
+    cache_prefix: bool = True  # False: its blocks stay out of the prefix cache (perplexity windows)
 
 
 _WINDOW_PARAMS = SamplingParams(max_tokens=1)  # scoring windows: prefill only, nothing sampled
@@ -265,7 +266,8 @@ class AsyncLLMEngine:
         plan.raise_first_error()
         windows = plan.requests()
         finals = await self.submit_many([EngineRequest(w.token_ids, _WINDOW_PARAMS, prefill_only=True,
-                                                       logprob_start=w.logprob_start) for w in windows],
+                                                       logprob_start=w.logprob_start, cache_prefix=False)
+                                         for w in windows],
                                         deadline).collect()
         results = plan.assemble([finals[k].prompt_logprobs for k in range(len(windows))], keep_token_logprobs)
         return [results[item] for item in range(plan.num_items)]
@@ -370,7 +372,8 @@ class AsyncLLMEngine:
             return sink
 
         for k, (token_ids, logprob_start) in enumerate(windows):
-            request = EngineRequest(token_ids, _WINDOW_PARAMS, prefill_only=True, logprob_start=logprob_start)
+            request = EngineRequest(token_ids, _WINDOW_PARAMS, prefill_only=True, logprob_start=logprob_start,
+                                    cache_prefix=False)
             request_ids.append(self._enqueue(request, sink_for(k)))
 
     def shutdown(self) -> None:
@@ -389,7 +392,8 @@ class AsyncLLMEngine:
                 request = command.request
                 try:
                     self.engine.add_request(request.prompt_token_ids, request.params, command.request_id,
-                                            request.prompt, request.prefill_only, request.logprob_start)
+                                            request.prompt, request.prefill_only, request.logprob_start,
+                                            request.cache_prefix)
                     self._sinks[command.request_id] = command.sink
                 except Exception as exc:  # validation raced with a config change, duplicate id, ...
                     self._release_pending()

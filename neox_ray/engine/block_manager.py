@@ -197,7 +197,7 @@ class BlockManager:
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Publishes ``seq``'s newly filled full blocks to the prefix cache (call after each step)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.cache_prefix:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= seq.num_registered_blocks:

@@ -241,8 +241,9 @@ class LLMEngine:
         plan.raise_first_error()
         window_params = SamplingParams(max_tokens=1)
         windows = plan.requests()
-        request_ids = [self.add_request(w.token_ids, window_params, prefill_only=True, logprob_start=w.logprob_start)
-                       for w in windows]
+        # Perplexity windows are never a later prompt's prefix: kept out of the prefix cache.
+        request_ids = [self.add_request(w.token_ids, window_params, prefill_only=True, logprob_start=w.logprob_start,
+                                        cache_prefix=False) for w in windows]
         try:
             finals = self.run_until_finished(request_ids, on_finished)
         except RequestFailedError as exc:
@@ -276,9 +277,10 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     prompt: str | None = None, prefill_only: bool = False,
-                    logprob_start: int | None = None) -> str:
+                    logprob_start: int | None = None, cache_prefix: bool = True) -> str:
         """Queues a request. ``prefill_only`` runs the prompt without generating (scoring / prompt logprobs);
-        ``logprob_start`` asks for the logprob of every prompt token from that position on."""
+        ``logprob_start`` asks for the logprob of every prompt token from that position on; ``cache_prefix=False``
+        keeps its blocks out of the prefix cache (it may still read cached ones)."""
         request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -293,7 +295,8 @@ class LLMEngine:
         for index in range(num_samples):
             seed = None if params.seed is None else params.seed + index * 7919  # distinct per sample, fixed
             seq = Sequence(request_id, prompt_token_ids, params, sample_index=index, seed=seed,
-                           prefill_only=prefill_only, logprob_start=logprob_start if index == 0 else None)
+                           prefill_only=prefill_only, logprob_start=logprob_start if index == 0 else None,
+                           cache_prefix=cache_prefix)
             detok = None if prefill_only else IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
                                                                      params.skip_special_tokens)
             sample = _SampleState(seq, detok, logprobs=[] if params.logprobs is not None else None)

@@ -32,6 +32,10 @@ class Sequence:
     prefill_only: bool = False
     # First token position whose logprob (given the tokens before it) the caller wants; None = none.
     logprob_start: int | None = None
+    # Publish full blocks to the prefix cache. Off for content no later prompt can start with (perplexity
+    # windows): freed uncached blocks are reused first, so such requests neither evict cached prefixes nor,
+    # on the CPU's lazily mapped cache, keep mapping fresh pages.
+    cache_prefix: bool = True
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
