@@ -166,6 +166,32 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(tiny_checkpoint: Path) -
     assert [o.outputs[0].token_ids for o in first + rest] == expected
 
 
+def test_prompt_logprobs_of_a_shared_step_equal_each_alone(llm: LLM) -> None:
+    """Sequences of one step asking for logprobs are computed together, grouped by their number of top
+    alternatives; each gets what it gets alone."""
+    prompts = random_prompts([12, 30, 7, 21], seed=16)
+    params = [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=k) for k in (0, 3, 0, 1)]
+    execute = llm.engine.executor.execute
+    widest: list[int] = []
+
+    def recording(step_input):
+        widest.append(sum(1 for s in step_input.sequences if s.logprob_targets))
+        return execute(step_input)
+
+    llm.engine.executor.execute = recording
+    try:
+        together = llm.generate(prompts, params)
+    finally:
+        del llm.engine.executor.execute
+    assert max(widest) == 4  # all four in one step (70 tokens within the 96-token budget)
+    for prompt, param, shared in zip(prompts, params, together, strict=True):
+        alone = llm.generate([prompt], param)[0]
+        assert len(shared.prompt_logprobs) == len(prompt)
+        for got, want in zip(shared.prompt_logprobs[1:], alone.prompt_logprobs[1:], strict=True):
+            assert got.keys() == want.keys()
+            assert all(abs(got[t] - want[t]) < 1e-5 for t in got)
+
+
 def test_perplexity_windows_stay_out_of_the_prefix_cache(tiny_checkpoint: Path) -> None:
     """Scoring windows are never a later prompt's prefix: they publish no blocks (so they evict no cached
     prefix) and reuse their freed blocks; a generated prompt's prefix stays cached through them."""

@@ -190,13 +190,28 @@ class ModelRunner:
             if tp_rank() == 0:
                 results = self.sampler(logits, [sampling for _, _, sampling in sampling_rows])
                 output.samples = {seq_id: r for (_, seq_id, _), r in zip(sampling_rows, results, strict=True)}
+        # Sequences asking for the same number of top alternatives share one pass over their rows, in chunks
+        # of LOGPROB_CHUNK_ROWS: fewer, same-sized LM-head calls than one per sequence (a scoring step packs
+        # several windows), so the heap is not fragmented by logits buffers of every size.
+        by_top_k: dict[int, list[tuple[int, int]]] = {}
         for i, seq in enumerate(step.sequences):
             if seq.logprob_targets:
-                first = starts[i] + seq.first_logprob_row
-                rows = hidden[first: first + len(seq.logprob_targets)]
-                result = self._target_logprobs(rows, seq.logprob_targets, seq.num_top_logprobs)
-                if tp_rank() == 0:
-                    output.prompt_logprobs[seq.seq_id] = result
+                by_top_k.setdefault(seq.num_top_logprobs, []).append((i, starts[i] + seq.first_logprob_row))
+        for top_k, members in by_top_k.items():
+            targets = [t for i, _ in members for t in step.sequences[i].logprob_targets]
+            slices = [hidden[first: first + len(step.sequences[i].logprob_targets)] for i, first in members]
+            rows = slices[0] if len(slices) == 1 else torch.cat(slices)
+            combined = self._target_logprobs(rows, targets, top_k)
+            if tp_rank() != 0:
+                continue
+            offset = 0
+            for i, _ in members:
+                seq = step.sequences[i]
+                end = offset + len(seq.logprob_targets)
+                output.prompt_logprobs[seq.seq_id] = TokenLogprobs(
+                    combined.logprobs[offset:end],
+                    None if combined.top_logprobs is None else combined.top_logprobs[offset:end])
+                offset = end
         return output
 
     def _target_logprobs(self, hidden_rows: torch.Tensor, targets: list[int], top_k: int) -> TokenLogprobs:
