@@ -149,11 +149,12 @@ def test_logprob_requests_bypass_the_prefix_cache() -> None:
     assert scheduler.schedule()[0].num_new_tokens == 10
 
 
-def test_sequences_that_do_not_cache_their_prefix_leave_the_cache_alone() -> None:
+@pytest.mark.parametrize("prefer_contiguous", [False, True])
+def test_sequences_that_do_not_cache_their_prefix_leave_the_cache_alone(prefer_contiguous: bool) -> None:
     """cache_prefix=False (perplexity windows): no blocks published; freed blocks are reused before untouched
-    ones and before other sequences' cached prefixes, which stay cached. (Not contiguity-preferring: the views
-    decode path's allocator takes a consecutive run over cached blocks when that is the run it finds.)"""
-    manager = BlockManager(12, 4, prefer_contiguous=False)
+    ones and before other sequences' cached prefixes, which stay cached. Contiguity-preferring (the views
+    decode path) too: a run of uncached blocks beside the cached ones is taken, not a run over them."""
+    manager = BlockManager(12, 4, prefer_contiguous=prefer_contiguous)
     scheduler = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
     cached = make_seq(9, 1)
     scheduler.add(cached)

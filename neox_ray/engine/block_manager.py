@@ -130,24 +130,31 @@ class BlockManager:
 
     def _find_free_run(self, need: int, want: int) -> int | None:
         """Start of the first run of ``want`` (else ``need``) consecutive free, unreserved blocks, preferring
-        runs that hold no cached prefix. None when contiguity is off or no run is long enough."""
+        runs that hold no cached prefix (a stretch of uncached blocks beside cached ones counts as such a run).
+        None when contiguity is off or no run is long enough."""
         if not self.prefer_contiguous:
             return None
-        runs: list[tuple[int, int, bool]] = []  # (start, length, holds cached content)
-        start, cached = None, False
+        clean_runs: list[tuple[int, int]] = []  # (start, length): free blocks holding no cached content
+        any_runs: list[tuple[int, int]] = []    # free blocks, cached or not
+        clean_start: int | None = None
+        any_start: int | None = None
         for block_id in range(self.num_blocks + 1):
             usable = block_id < self.num_blocks and block_id in self.free_blocks and block_id not in self.soft_reserved
-            if usable:
-                if start is None:
-                    start, cached = block_id, False
-                cached |= self.blocks[block_id].content_hash is not None
-            elif start is not None:
-                runs.append((start, block_id - start, cached))
-                start = None
+            clean = usable and self.blocks[block_id].content_hash is None
+            if usable and any_start is None:
+                any_start = block_id
+            elif not usable and any_start is not None:
+                any_runs.append((any_start, block_id - any_start))
+                any_start = None
+            if clean and clean_start is None:
+                clean_start = block_id
+            elif not clean and clean_start is not None:
+                clean_runs.append((clean_start, block_id - clean_start))
+                clean_start = None
         for length in (want, need):
-            for avoid_cached in (True, False):
-                for run_start, run_length, run_cached in runs:
-                    if run_length >= length and not (avoid_cached and run_cached):
+            for runs in (clean_runs, any_runs):
+                for run_start, run_length in runs:
+                    if run_length >= length:
                         return run_start
         return None
 
