@@ -134,23 +134,10 @@ class BlockManager:
         None when contiguity is off or no run is long enough."""
         if not self.prefer_contiguous:
             return None
-        clean_runs: list[tuple[int, int]] = []  # (start, length): free blocks holding no cached content
-        any_runs: list[tuple[int, int]] = []    # free blocks, cached or not
-        clean_start: int | None = None
-        any_start: int | None = None
-        for block_id in range(self.num_blocks + 1):
-            usable = block_id < self.num_blocks and block_id in self.free_blocks and block_id not in self.soft_reserved
-            clean = usable and self.blocks[block_id].content_hash is None
-            if usable and any_start is None:
-                any_start = block_id
-            elif not usable and any_start is not None:
-                any_runs.append((any_start, block_id - any_start))
-                any_start = None
-            if clean and clean_start is None:
-                clean_start = block_id
-            elif not clean and clean_start is not None:
-                clean_runs.append((clean_start, block_id - clean_start))
-                clean_start = None
+        usable = [block_id in self.free_blocks and block_id not in self.soft_reserved
+                  for block_id in range(self.num_blocks)]
+        uncached = [free and self.blocks[block_id].content_hash is None for block_id, free in enumerate(usable)]
+        clean_runs, any_runs = _runs(uncached), _runs(usable)
         for length in (want, need):
             for runs in (clean_runs, any_runs):
                 for run_start, run_length in runs:
@@ -217,3 +204,16 @@ class BlockManager:
                 block.content_hash, block.tokens = content_hash, tokens
                 self.hash_to_block[content_hash] = block.block_id
         seq.num_registered_blocks = num_full
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of True in ``flags``."""
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    for index, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index - start))
+            start = None
+    return runs

@@ -66,23 +66,21 @@ class InputBuffers:
                   if s.new_block_ids or s.seq_id not in self.tables else self.tables[s.seq_id] for s in sequences]
         token_ids: list[int] = []
         positions: list[int] = []
+        slots: list[int] = []
         query_start_loc = [0]
         context_lens = []
-        for seq in sequences:
+        for seq, table in zip(sequences, tables, strict=True):
             n = len(seq.new_token_ids)
+            end = seq.start_position + n
+            if end > len(table) * block_size:
+                raise ValueError(f"sequence {seq.seq_id}: position {end - 1} has no block in its table of "
+                                 f"{len(table)}")
+            span = range(seq.start_position, end)
             token_ids.extend(seq.new_token_ids)
-            positions.extend(range(seq.start_position, seq.start_position + n))
+            positions.extend(span)
+            slots.extend([table[p // block_size] * block_size + p % block_size for p in span])
             query_start_loc.append(query_start_loc[-1] + n)
-            context_lens.append(seq.start_position + n)
-        try:
-            slots = [table[p // block_size] * block_size + p % block_size
-                     for table, seq in zip(tables, sequences, strict=True)
-                     for p in range(seq.start_position, seq.start_position + len(seq.new_token_ids))]
-        except IndexError:
-            seq = next(s for s, t in zip(sequences, tables, strict=True) if len(t) * block_size < s.start_position
-                       + len(s.new_token_ids))
-            raise ValueError(f"sequence {seq.seq_id}: position {seq.start_position + len(seq.new_token_ids) - 1} "
-                             f"has no block in its table of {len(self.tables[seq.seq_id])}") from None
+            context_lens.append(end)
         width = max((len(t) for t in tables), default=0)
         padded = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
         return StepArrays(

@@ -322,7 +322,7 @@ class LLMEngine:
         return True
 
     def _forget(self, seq_id: int) -> None:
-        """Drops an ended sequence; the runner frees its block table row with the next step."""
+        """Drops an ended sequence; the runner drops its block table with the next step."""
         self._seq_to_request.pop(seq_id, None)
         if self._blocks_sent.pop(seq_id, None) is not None:
             self._released_seq_ids.append(seq_id)

@@ -62,7 +62,7 @@ class SequenceStep:
 @dataclass
 class StepInput:
     sequences: list[SequenceStep]
-    released_seq_ids: list[int] = field(default_factory=list)  # ended since the last step: their rows go
+    released_seq_ids: list[int] = field(default_factory=list)  # ended since the last step: their tables go
 
 
 @dataclass
