@@ -133,7 +133,8 @@ def test_engine_config_is_strict_and_names_the_field() -> None:
         EngineConfig.from_kwargs("/m", block_sise=8)
     for kwargs, field in [({"max_num_seqs": "4"}, "max_num_seqs"), ({"allow_pickle": 1}, "allow_pickle"),
                           ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"), ({"dtype": "int3"}, "dtype"),
-                          ({"seed": 2**64}, "seed"), ({"device": "gpu"}, "device")]:
+                          ({"seed": 2**64}, "seed"), ({"device": "gpu"}, "device"),
+                          ({"async_scheduling": "sometimes"}, "async_scheduling")]:
         with pytest.raises(SettingsError) as info:
             EngineConfig.from_kwargs("/m", **kwargs)
         assert info.value.field == field and str(info.value).startswith(field)
