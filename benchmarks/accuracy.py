@@ -1,6 +1,7 @@
 """Numerical accuracy of reduced precision against float32: bf16 (``dtype="bfloat16"``) and int8
-(``quantization="int8"``, where this engine build accepts it), each compared with a float32 run of the same
-checkpoint in the same process.
+(``quantization="int8"``, where this engine build accepts it) and the int8 KV cache (``kv_cache_dtype="int8"``:
+modes ``kv8``, ``bf16-kv8``, ``int8-bf16-kv8``), each compared with a float32 run of the same checkpoint in the
+same process.
 
 What is measured, on real English text (docstrings of Python's standard library: the Zen of Python, the
 heapq essay, argparse, unittest, doctest, ...; fixed for a given Python version) tokenized with the real
@@ -61,6 +62,10 @@ REFERENCE_OPTIONS: dict[str, Any] = {"dtype": "float32"}
 # "fp32-again" is a control: a second float32 engine must agree with the reference exactly.
 MODE_OPTIONS: dict[str, dict[str, Any]] = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"},
                                            "int8-bf16": {"quantization": "int8", "dtype": "bfloat16"},
+                                           "kv8": {"kv_cache_dtype": "int8"},
+                                           "bf16-kv8": {"dtype": "bfloat16", "kv_cache_dtype": "int8"},
+                                           "int8-bf16-kv8": {"quantization": "int8", "dtype": "bfloat16",
+                                                             "kv_cache_dtype": "int8"},
                                            "fp32-again": {"dtype": "float32"}}
 # Prose-heavy module docstrings, in this order; the Zen of Python and heapq's essay open the text.
 TEXT_MODULES = ("heapq", "argparse", "unittest", "doctest", "timeit", "tempfile", "sched", "inspect", "csv",

@@ -29,7 +29,9 @@ runs; int8: llama.cpp q8_0, CTranslate2 int8); the fastest neox-ray leg >= 12x H
 With ``--passes N`` every leg runs the whole workload N times in its process and reports its fastest pass (the
 first pass of a process pays one-time costs: ~10 % for neox-ray's fastest mode here, see benchmarks/README.md);
 the default, 1, times that first pass for every engine. ``--async-scheduling`` runs the neox-ray legs with
-``async_scheduling=True`` (each forward pass on a worker thread while the previous step's output is processed).
+``async_scheduling=True`` (each forward pass on a worker thread while the previous step's output is processed);
+``--kv-cache-dtype int8`` runs them with ``kv_cache_dtype="int8"`` (keys and values stored as int8, a float32 scale
+per token and head: half the bytes decode attention streams from a bfloat16 cache, a quarter of a float32 one).
 
     python benchmarks/compare.py --shape pythia-70m                  # every leg, 48 prompts, 2 threads
     python benchmarks/compare.py --legs hf-fp32,neox-fp32,llamacpp-f32 --num-prompts 8 --json out.json
@@ -120,7 +122,7 @@ class LegUnavailable(Exception):
 
 
 def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_num_seqs: int, passes: int,
-             async_scheduling: bool = False) -> tuple[int, float, str]:
+             async_scheduling: bool = False, kv_cache_dtype: str = "auto") -> tuple[int, float, str]:
     from neox_ray import LLM, SamplingParams
 
     options = NEOX_OPTIONS[leg.precision]
@@ -128,12 +130,15 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
     # job (the engine's CPU default reserves room for 128k tokens, which would dominate the peak RSS).
     config = json.loads((model_dir / "config.json").read_text())
     element = 2 if options["dtype"] == "bfloat16" else 4
+    if kv_cache_dtype == "int8":  # one byte a value, plus a float32 scale per head of head_dim values
+        element = 1 + 4 * config["num_attention_heads"] / config["hidden_size"]
     longest = max(len(prompt) + max_tokens for prompt, max_tokens in jobs)
-    kv_cache_memory = max_num_seqs * (longest + 16) * 2 * config["num_hidden_layers"] * config["hidden_size"] * element
+    kv_cache_memory = int(max_num_seqs * (longest + 16) * 2 * config["num_hidden_layers"] * config["hidden_size"]
+                          * element)
     try:
         llm = LLM(str(model_dir), device="cpu", max_num_seqs=max_num_seqs, block_size=16,
                   enable_prefix_caching=False, kv_cache_memory=kv_cache_memory, async_scheduling=async_scheduling,
-                  **options)
+                  kv_cache_dtype=kv_cache_dtype, **options)
     except (TypeError, ValueError) as exc:
         raise LegUnavailable(f"LLM({', '.join(f'{k}={v!r}' for k, v in options.items())}): {exc}") from None
 
@@ -154,7 +159,8 @@ def run_neox(model_dir: Path, jobs: list[tuple[list[int], int]], leg: Leg, max_n
                 raise RuntimeError(f"job {index}: {len(output.outputs[0].token_ids)} tokens, {max_tokens} requested")
     return (sum(max_tokens for _, max_tokens in jobs), min(seconds),
             pass_note(f"max_num_seqs {max_num_seqs}, KV cache {kv_cache_memory / 2**20:.0f} MiB"
-                      + (", async scheduling" if async_scheduling else ""), seconds))
+                      + (", async scheduling" if async_scheduling else "")
+                      + (", int8 KV cache" if kv_cache_dtype == "int8" else ""), seconds))
 
 
 def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +178,7 @@ def run_leg(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 tokens, seconds, detail = run_hf(model_dir, jobs, leg.sampled, args.passes)
             else:
                 tokens, seconds, detail = run_neox(model_dir, jobs, leg, args.max_num_seqs, args.passes,
-                                                   args.async_scheduling)
+                                                   args.async_scheduling, args.kv_cache_dtype)
             peak = process_peak_rss_mib(os.getpid())
         else:
             if leg.engine == "llamacpp":
@@ -234,6 +240,7 @@ def run_leg_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
                    "--shape", args.shape, "--threads", threads, "--num-prompts", str(args.num_prompts),
                    "--max-num-seqs", str(args.max_num_seqs), "--passes", str(args.passes)]
         command += ["--async-scheduling"] if args.async_scheduling else []
+        command += ["--kv-cache-dtype", args.kv_cache_dtype]
         done = subprocess.run(command, env=environment)
         if not result_file.exists():
             return {"status": "failed", "reason": f"the leg's process exited with {done.returncode}"}
@@ -317,6 +324,8 @@ def main() -> None:
     parser.add_argument("--legs", default=",".join(LEGS), help=f"comma-separated subset of: {', '.join(LEGS)}")
     parser.add_argument("--passes", type=int, default=1,
                         help="time the workload this many times in each leg's process and keep the fastest pass")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                        help="neox-ray legs' KV cache: auto (the model's dtype) or int8 (a scale per token and head)")
     parser.add_argument("--async-scheduling", action="store_true",
                         help="neox-ray legs run with async_scheduling (next forward pass overlaps output processing)")
     parser.add_argument("--json", type=Path, help="also write the results and target lines to this file")

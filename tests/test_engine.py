@@ -426,21 +426,30 @@ def test_cpu_kv_cache_is_not_touched_at_load(tiny_checkpoint: Path) -> None:
     assert llm.generate([[5, 6, 7] * 5], greedy)[0].outputs[0].token_ids == reference
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("decode_kernel", [True, False])
-def test_unwritten_kv_cache_slots_are_never_read(tiny_checkpoint: Path, monkeypatch, decode_kernel: bool) -> None:
-    """A cache full of NaN (what unwritten memory could hold) gives the same greedy tokens and finite
-    logprobs as a zeroed one: prefill, chunked prefill over cached context, prefix-cache hits and decode
-    (C kernel and per-sequence views) read only the slots their sequence wrote."""
+def test_unwritten_kv_cache_slots_are_never_read(tiny_checkpoint: Path, monkeypatch, decode_kernel: bool,
+                                                 kv_cache_dtype: str) -> None:
+    """A cache full of NaN (what unwritten memory could hold; for an int8 cache, NaN scales beside values of
+    127) gives the same greedy tokens and finite logprobs as a zeroed one: prefill, chunked prefill over cached
+    context, prefix-cache hits and decode (C kernel and per-sequence views) read only the slots their sequence
+    wrote."""
     from neox_ray.kernels import cpu_paged_attention
     if not decode_kernel:
-        monkeypatch.setattr(cpu_paged_attention, "available", lambda dtype: False)
+        monkeypatch.setattr(cpu_paged_attention, "available", lambda *dtypes: False)
     prompts = [[5, 6, 7] * 9, [5, 6, 7] * 9 + [9, 10], [11] * 3, list(range(40, 77))]
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, ignore_eos=True)
     results = []
     for fill in (0.0, float("nan")):
-        llm = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=96, max_num_batched_tokens=16)
-        assert llm.engine.executor.runner.decode_path == ("kernel" if decode_kernel else "views")
-        llm.engine.executor.runner.kv_cache.fill_(fill)
+        llm = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=96, max_num_batched_tokens=16,
+                  kv_cache_dtype=kv_cache_dtype)
+        runner = llm.engine.executor.runner
+        assert runner.decode_path == ("kernel" if decode_kernel else "views")
+        if kv_cache_dtype == "int8":
+            runner.kv_cache.fill_(0 if fill == 0 else 127)
+            runner.kv_scales.fill_(fill)
+        else:
+            runner.kv_cache.fill_(fill)
         outputs = llm.generate(prompts, params)
         for output in outputs:
             assert all(math.isfinite(v) for entry in output.outputs[0].logprobs for v in entry.values())

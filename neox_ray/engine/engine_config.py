@@ -19,6 +19,7 @@ FLAG = "flag"  # a command-line option of ``neox-ray generate|score|serve``
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 AttentionBackend = Literal["auto", "sdpa", "flash_attn", "eager"]
 Quantization = Literal["none", "int8"]
+KVCacheDType = Literal["auto", "int8"]
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -30,10 +31,10 @@ def _known_device(device: str) -> str:
     return device
 
 
-def check_int8_device(device: str) -> None:
+def check_int8_device(device: str, setting: str = "quantization int8") -> None:
     """Also called by the model runner once ``auto`` has become a real device."""
     if device.startswith("cuda"):
-        raise ValueError(f"quantization int8 runs on CPU only for now (device is {device!r}); use device=cpu")
+        raise ValueError(f"{setting} runs on CPU only for now (device is {device!r}); use device=cpu")
 
 
 class EngineConfig(StrictSettings):
@@ -47,6 +48,10 @@ class EngineConfig(StrictSettings):
     quantization: Quantization | None = setting(
         None, tags=[FLAG], description="int8: int8 weights (a scale per output channel) and activations quantized "
                                        "at each matmul, CPU only; activations between layers keep dtype (default off)")
+    kv_cache_dtype: KVCacheDType = setting(
+        "auto", tags=[FLAG], description="auto: the model's dtype; int8: keys and values stored as int8 with a scale "
+                                         "per token and head (half a bfloat16 cache's bytes, a quarter of float32's; "
+                                         "CPU only)")
     max_num_seqs: int = setting(128, ge=1, tags=[FLAG], description="most sequences in one engine step")
     max_num_batched_tokens: int = setting(2048, ge=1, description="most tokens in one engine step")
     block_size: int = setting(16, ge=1, description="tokens per KV-cache block")
@@ -88,6 +93,17 @@ class EngineConfig(StrictSettings):
                 self.device = "cpu"
             if self.dtype in ("float16", "fp16"):
                 raise ValueError(f"quantization int8 takes dtype float32 or bfloat16 activations, not {self.dtype}")
+        return self
+
+    @model_validator(mode="after")
+    def _kv_cache_dtype_fits(self) -> EngineConfig:
+        if self.kv_cache_dtype == "int8":
+            check_int8_device(self.device, "kv_cache_dtype int8")
+            if self.attention_backend == "flash_attn":
+                raise ValueError("kv_cache_dtype int8 is read by the CPU attention paths; attention_backend "
+                                 "flash_attn needs a cache in the model's dtype")
+            if self.device == "auto":  # an int8 cache is a CPU mode: auto means the CPU
+                self.device = "cpu"
         return self
 
     @property

@@ -81,6 +81,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         if config.int8:
             check_int8_runs(self.device, self.dtype)
+        if config.kv_cache_dtype == "int8":
+            check_int8_device(str(self.device), "kv_cache_dtype int8")
+        self.kv_cache_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
         self.attention_backend = resolve_backend(config.attention_backend, self.device, config.block_size)
         self.model = load_model(config.model, self.model_config, self.dtype, self.device,
                                 self.attention_backend, config.allow_pickle)
@@ -91,7 +94,8 @@ class ModelRunner:
                 self.model.pack_weights_for_cpu(quantize_int8=True)
             elif packing_supported(self.dtype):
                 self.model.pack_weights_for_cpu()
-            use_kernel = self.attention_backend == "sdpa" and cpu_paged_attention.available(self.dtype)
+            use_kernel = (self.attention_backend == "sdpa"
+                          and cpu_paged_attention.available(self.dtype, self.kv_cache_dtype))
             self.decode_path = "kernel" if use_kernel else "views"
         self.sampler = Sampler(config.seed)
         self.inputs = InputBuffers(config.block_size)
@@ -103,8 +107,9 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
         local_heads = mc.num_attention_heads // tp_world_size()
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.config.block_size * local_heads * mc.head_dim * element
+        element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
+        row_bytes = mc.head_dim * element + (4 if self.kv_cache_dtype == torch.int8 else 0)  # + a float32 scale
+        return 2 * mc.num_hidden_layers * self.config.block_size * local_heads * row_bytes
 
     def _decide_num_blocks(self) -> int:
         cfg = self.config
@@ -151,16 +156,22 @@ class ModelRunner:
         local_heads = mc.num_attention_heads // tp_world_size()
         # (layers, k/v, blocks, block_size, heads, head_dim): one tensor, one view per layer.
         shape = (mc.num_hidden_layers, 2, num_blocks, self.config.block_size, local_heads, mc.head_dim)
-        if self.device.type == "cpu" and self.decode_path in ("kernel", "views"):
-            # Left unwritten: both CPU decode paths and prefill read only slots this sequence wrote, so the
-            # cache needs no zeros, and the kernel maps its pages in as they are first written. Zero-filling
-            # it at load took 13 s (2.5M page faults) and 10 GB of resident memory for pythia-160m's default
-            # 128k-token fp32 cache on the 2-core dev VM, before any request.
-            self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        else:  # the GPU's padded gather reads past a context's end (masked, but garbage could be NaN)
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # On CPU left unwritten: both CPU decode paths and prefill read only slots this sequence wrote, so the
+        # cache needs no zeros, and the kernel maps its pages in as they are first written. Zero-filling it at
+        # load took 13 s (2.5M page faults) and 10 GB of resident memory for pythia-160m's default 128k-token
+        # fp32 cache on the 2-core dev VM, before any request. The GPU's padded gather reads past a context's
+        # end (masked, but garbage could be NaN), so there it is zeroed.
+        zeroed = not (self.device.type == "cpu" and self.decode_path in ("kernel", "views"))
+
+        def allocate(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=self.device)
+
+        self.kv_cache = allocate(shape, self.kv_cache_dtype)
+        # An int8 cache keeps a float32 scale per (slot, head) of keys and of values.
+        self.kv_scales = allocate(shape[:-1], torch.float32) if self.kv_cache_dtype == torch.int8 else None
         for i, attention in enumerate(self.model.attention_layers):
             attention.kv_cache = self.kv_cache[i]
+            attention.kv_scales = None if self.kv_scales is None else self.kv_scales[i]
 
     # ---- one step ------------------------------------------------------------------------------------
     def execute(self, step: StepInput) -> StepOutput:

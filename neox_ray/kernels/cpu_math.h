@@ -51,10 +51,13 @@ static inline float exp_nonpositive(float x) {
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* 16 floats from 16 float32 / bfloat16 values (bfloat16 widening is exact). */
+/* 16 floats from 16 float32 / bfloat16 / int8 values (all exact). */
 static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 load16_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
 /* exp_nonpositive() above, 16 lanes at a time: the same polynomial with fused multiply-adds (so a result

@@ -12,6 +12,10 @@
  * loop (same arithmetic, one position at a time). Work items are (sequence, group of heads), shared over the
  * OpenMP threads torch already runs. Also here: store_kv, the per-layer write of new keys/values to their slots.
  *
+ * int8 caches (kv_cache_dtype="int8"): each (slot, head) row is int8 values with one float32 scale, written by
+ * store_kv_int8_*; the decode kernels for them read half the bytes of a bfloat16 cache (a quarter of float32)
+ * and fold the scales into the scores and the softmax weights, so no row is dequantized into a buffer.
+ *
  * Built at first use by neox_ray/kernels/cpu_paged_attention.py (gcc -O3 -march=native -fopenmp) and
  * called through ctypes; that module owns the argument checks. Scores are accumulated in float32.
  */
@@ -38,12 +42,14 @@
  * prefetched one tile ahead, so the strided per-head reads hit cache. Each head keeps its online-softmax
  * state (max, sum, accumulator) in `state` between tiles. CHUNKS = head_dim / 16 (a constant after
  * inlining, so the loops unroll and a head's accumulator lives in registers within a tile). */
-#define DEFINE_SEQUENCE_AVX512(NAME, T, LOAD16)                                                             \
+#define DEFINE_SEQUENCE_AVX512(NAME, T, LOAD16, SCALED)                                                     \
 static inline __attribute__((always_inline)) void NAME(                                                     \
-        const float* q, const T* key_cache, const T* value_cache, const int64_t* table, int64_t len,       \
-        int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t nh, const int chunks,        \
+        const float* q, const T* key_cache, const T* value_cache, const float* key_scales,                 \
+        const float* value_scales, const int64_t* table, int64_t len, int64_t block_size,                  \
+        int64_t slot_stride, int64_t num_heads, int64_t head_offset, int64_t nh, const int chunks,         \
         float* state, float* out) {                                                                        \
     const int64_t head_dim = 16 * chunks;                                                                   \
+    const int64_t first_head = head_offset / head_dim;                                                      \
     float* running_max = state;                                                                             \
     float* running_sum = state + nh;                                                                        \
     float* accumulators = state + 2 * nh;                                                                   \
@@ -64,6 +70,10 @@ static inline __attribute__((always_inline)) void NAME(                         
                     _mm_prefetch(k_next + byte, _MM_HINT_T0);                                               \
                     _mm_prefetch(v_next + byte, _MM_HINT_T0);                                               \
                 }                                                                                           \
+                if (SCALED) {                                                                               \
+                    _mm_prefetch((const char*)(key_scales + slot * num_heads + first_head), _MM_HINT_T0);   \
+                    _mm_prefetch((const char*)(value_scales + slot * num_heads + first_head), _MM_HINT_T0); \
+                }                                                                                           \
             }                                                                                               \
             const __mmask16 valid = (__mmask16)((1u << n) - 1u);                                            \
             for (int64_t h = 0; h < nh; ++h) {                                                              \
@@ -71,6 +81,7 @@ static inline __attribute__((always_inline)) void NAME(                         
                 const T* v = value_cache + (base + t0) * slot_stride + head_offset + h * head_dim;          \
                 const float* qh = q + h * head_dim;                                                         \
                 float* acc_h = accumulators + h * head_dim;                                                 \
+                const int64_t scale_row = (base + t0) * num_heads + first_head + h;                         \
                 __m512 qv[16], acc[16];                                                                     \
                 for (int c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);                      \
                 __m512 s = _mm512_set1_ps(-INFINITY);                                                       \
@@ -78,7 +89,9 @@ static inline __attribute__((always_inline)) void NAME(                         
                     __m512 dot = _mm512_mul_ps(qv[0], LOAD16(k + i * slot_stride));                        \
                     for (int c = 1; c < chunks; ++c)                                                        \
                         dot = _mm512_fmadd_ps(qv[c], LOAD16(k + i * slot_stride + 16 * c), dot);            \
-                    s = _mm512_mask_mov_ps(s, (__mmask16)(1u << i), _mm512_set1_ps(_mm512_reduce_add_ps(dot))); \
+                    float score = _mm512_reduce_add_ps(dot);                                                \
+                    if (SCALED) score *= key_scales[scale_row + i * num_heads];                             \
+                    s = _mm512_mask_mov_ps(s, (__mmask16)(1u << i), _mm512_set1_ps(score));                 \
                 }                                                                                           \
                 const float tile_max = _mm512_reduce_max_ps(s);                                             \
                 float m = running_max[h], total = running_sum[h];                                           \
@@ -90,8 +103,13 @@ static inline __attribute__((always_inline)) void NAME(                         
                     total *= correction;                                                                    \
                     m = tile_max;                                                                           \
                 }                                                                                           \
-                const __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive16(_mm512_sub_ps(s, _mm512_set1_ps(m)))); \
+                __m512 w = _mm512_maskz_mov_ps(valid, exp_nonpositive16(_mm512_sub_ps(s, _mm512_set1_ps(m)))); \
                 total += _mm512_reduce_add_ps(w);                                                           \
+                if (SCALED) { /* an int8 value row is its scale times its values: fold the scale into w */  \
+                    float row_scales[TILE];                                                                 \
+                    for (int i = 0; i < n; ++i) row_scales[i] = value_scales[scale_row + i * num_heads];    \
+                    w = _mm512_mul_ps(w, _mm512_maskz_loadu_ps(valid, row_scales));                         \
+                }                                                                                           \
                 for (int i = 0; i < n; ++i) {                                                               \
                     const __m512 wi = _mm512_permutexvar_ps(_mm512_set1_epi32(i), w);                       \
                     for (int c = 0; c < chunks; ++c)                                                        \
@@ -111,38 +129,52 @@ static inline __attribute__((always_inline)) void NAME(                         
     }                                                                                                       \
 }
 
-DEFINE_SEQUENCE_AVX512(sequence_avx512_f32, float, load16_f32)
-DEFINE_SEQUENCE_AVX512(sequence_avx512_bf16, uint16_t, load16_bf16)
+DEFINE_SEQUENCE_AVX512(sequence_avx512_f32, float, load16_f32, 0)
+DEFINE_SEQUENCE_AVX512(sequence_avx512_bf16, uint16_t, load16_bf16, 0)
+DEFINE_SEQUENCE_AVX512(sequence_avx512_i8, int8_t, load16_i8, 1)
 
 /* Dispatches to a copy unrolled for the head size; 0 when there is none (the portable loop runs then). */
 #define DEFINE_SEQUENCE_DISPATCH(NAME, T, BODY)                                                             \
-static int NAME(const float* q, const T* key_cache, const T* value_cache, const int64_t* table, int64_t len, \
-                int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t nh, int64_t head_dim, \
+static int NAME(const float* q, const T* key_cache, const T* value_cache, const float* key_scales,          \
+                const float* value_scales, const int64_t* table, int64_t len, int64_t block_size,          \
+                int64_t slot_stride, int64_t num_heads, int64_t head_offset, int64_t nh, int64_t head_dim,  \
                 float* state, float* out) {                                                                 \
     switch (head_dim) {                                                                                     \
-    case 16: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 1, state, out); return 1;  \
-    case 32: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 2, state, out); return 1;  \
-    case 64: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 4, state, out); return 1;  \
-    case 80: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 5, state, out); return 1;  \
-    case 96: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 6, state, out); return 1;  \
-    case 128: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 8, state, out); return 1; \
-    case 256: BODY(q, key_cache, value_cache, table, len, block_size, slot_stride, head_offset, nh, 16, state, out); return 1;\
+    case 16: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 1, state, out); return 1;                              \
+    case 32: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 2, state, out); return 1;                              \
+    case 64: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 4, state, out); return 1;                              \
+    case 80: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 5, state, out); return 1;                              \
+    case 96: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 6, state, out); return 1;                              \
+    case 128: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 8, state, out); return 1;                              \
+    case 256: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
+                 num_heads, head_offset, nh, 16, state, out); return 1;                              \
     default: return 0;                                                                                      \
     }                                                                                                       \
 }
 
 DEFINE_SEQUENCE_DISPATCH(sequence_fast_f32, float, sequence_avx512_f32)
 DEFINE_SEQUENCE_DISPATCH(sequence_fast_bf16, uint16_t, sequence_avx512_bf16)
+DEFINE_SEQUENCE_DISPATCH(sequence_fast_i8, int8_t, sequence_avx512_i8)
 #else
 #define sequence_fast_f32(...) 0
 #define sequence_fast_bf16(...) 0
+#define sequence_fast_i8(...) 0
 #endif
 
-/* The portable loop (any head size, any CPU): the same online softmax, one position at a time. */
-#define DEFINE_HEAD_PORTABLE(NAME, T, LOAD)                                                                 \
-static void NAME(const float* q, const T* key_cache, const T* value_cache, const int64_t* table, int64_t len, \
-                 int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t head_dim, float* acc) { \
+/* The portable loop (any head size, any CPU): the same online softmax, one position at a time. SCALED
+ * (int8 caches): a row's values are its int8 values times its (slot, head) scale. */
+#define DEFINE_HEAD_PORTABLE(NAME, T, LOAD, SCALED)                                                         \
+static void NAME(const float* q, const T* key_cache, const T* value_cache, const float* key_scales,         \
+                 const float* value_scales, const int64_t* table, int64_t len, int64_t block_size,         \
+                 int64_t slot_stride, int64_t num_heads, int64_t head_offset, int64_t head_dim, float* acc) { \
     float running_max = -INFINITY, running_sum = 0.0f;                                                      \
+    const int64_t head = head_offset / head_dim;                                                            \
     for (int64_t d = 0; d < head_dim; ++d) acc[d] = 0.0f;                                                   \
     for (int64_t first = 0; first < len; first += block_size) {                                             \
         const int64_t base = table[first / block_size] * block_size;                                        \
@@ -153,6 +185,7 @@ static void NAME(const float* q, const T* key_cache, const T* value_cache, const
             float dot = 0.0f;                                                                               \
             _Pragma("omp simd reduction(+:dot)")                                                            \
             for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * LOAD(k[d]);                                \
+            if (SCALED) dot *= key_scales[(base + i) * num_heads + head];                                   \
             if (dot > running_max) {                                                                        \
                 const float correction = exp_nonpositive(running_max - dot);                                \
                 for (int64_t d = 0; d < head_dim; ++d) acc[d] *= correction;                                \
@@ -161,8 +194,9 @@ static void NAME(const float* q, const T* key_cache, const T* value_cache, const
             }                                                                                               \
             const float w = exp_nonpositive(dot - running_max);                                             \
             running_sum += w;                                                                               \
+            const float wv = SCALED ? w * value_scales[(base + i) * num_heads + head] : w;                  \
             _Pragma("omp simd")                                                                             \
-            for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * LOAD(v[d]);                                \
+            for (int64_t d = 0; d < head_dim; ++d) acc[d] += wv * LOAD(v[d]);                               \
         }                                                                                                   \
     }                                                                                                       \
     const float inv = 1.0f / running_sum;                                                                   \
@@ -171,11 +205,16 @@ static void NAME(const float* q, const T* key_cache, const T* value_cache, const
 
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
-DEFINE_HEAD_PORTABLE(head_portable_f32, float, LOAD_F32)
-DEFINE_HEAD_PORTABLE(head_portable_bf16, uint16_t, bf16_to_float)
+#define LOAD_I8(x) ((float)(x))
+DEFINE_HEAD_PORTABLE(head_portable_f32, float, LOAD_F32, 0)
+DEFINE_HEAD_PORTABLE(head_portable_bf16, uint16_t, bf16_to_float, 0)
+DEFINE_HEAD_PORTABLE(head_portable_i8, int8_t, LOAD_I8, 1)
 
-#define DEFINE_DECODE_ATTENTION(NAME, T, LOAD, STORE, FAST, PORTABLE)                                       \
-int NAME(const T* query, int64_t query_row_stride, const T* key_cache, const T* value_cache,                \
+/* Query and output rows are T (the model's dtype); the cache holds C: T itself, or int8 with one float32
+ * scale per (slot, head) in key_scales / value_scales (NULL for float caches). */
+#define DEFINE_DECODE_ATTENTION(NAME, T, LOAD, STORE, C, FAST, PORTABLE)                                    \
+int NAME(const T* query, int64_t query_row_stride, const C* key_cache, const C* value_cache,                \
+         const float* key_scales, const float* value_scales,                                                \
          const int64_t* block_tables, int64_t block_table_stride, const int64_t* context_lens,              \
          int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t block_size, float scale,            \
          T* out, int64_t out_row_stride, int64_t head_groups, int num_threads) {                            \
@@ -202,11 +241,12 @@ int NAME(const T* query, int64_t query_row_stride, const T* key_cache, const T* 
             const int64_t* table = block_tables + s * block_table_stride;                                   \
             const T* q_row = query + s * query_row_stride + h0 * head_dim;                                  \
             for (int64_t i = 0; i < nh * head_dim; ++i) q[i] = LOAD(q_row[i]) * scale;                      \
-            if (!FAST(q, key_cache, value_cache, table, context_lens[s], block_size, slot_stride,           \
-                      h0 * head_dim, nh, head_dim, state, result))                                          \
+            if (!FAST(q, key_cache, value_cache, key_scales, value_scales, table, context_lens[s],          \
+                      block_size, slot_stride, num_heads, h0 * head_dim, nh, head_dim, state, result))      \
                 for (int64_t h = 0; h < nh; ++h)                                                            \
-                    PORTABLE(q + h * head_dim, key_cache, value_cache, table, context_lens[s], block_size,  \
-                             slot_stride, (h0 + h) * head_dim, head_dim, result + h * head_dim);            \
+                    PORTABLE(q + h * head_dim, key_cache, value_cache, key_scales, value_scales, table,     \
+                             context_lens[s], block_size, slot_stride, num_heads, (h0 + h) * head_dim,      \
+                             head_dim, result + h * head_dim);                                              \
             T* o = out + s * out_row_stride + h0 * head_dim;                                                \
             for (int64_t i = 0; i < nh * head_dim; ++i) o[i] = STORE(result[i]);                            \
         }                                                                                                   \
@@ -217,9 +257,14 @@ int NAME(const T* query, int64_t query_row_stride, const T* key_cache, const T* 
     return failed ? -1 : 0;                                                                                 \
 }
 
-DEFINE_DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, STORE_F32, sequence_fast_f32, head_portable_f32)
-DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_float, float_to_bf16, sequence_fast_bf16,
-                        head_portable_bf16)
+DEFINE_DECODE_ATTENTION(decode_attention_f32, float, LOAD_F32, STORE_F32, float, sequence_fast_f32,
+                        head_portable_f32)
+DEFINE_DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_to_float, float_to_bf16, uint16_t,
+                        sequence_fast_bf16, head_portable_bf16)
+DEFINE_DECODE_ATTENTION(decode_attention_f32_i8cache, float, LOAD_F32, STORE_F32, int8_t, sequence_fast_i8,
+                        head_portable_i8)
+DEFINE_DECODE_ATTENTION(decode_attention_bf16_i8cache, uint16_t, bf16_to_float, float_to_bf16, int8_t,
+                        sequence_fast_i8, head_portable_i8)
 
 /* Stores this step's keys and values ((tokens, heads * head_dim) rows, contiguous) into their cache slots:
  * one call instead of two index_copy_ dispatches per layer. The caller checked every slot is in the cache. */
@@ -230,3 +275,36 @@ void store_kv(const void* key, const void* value, void* key_cache, void* value_c
         memcpy((char*)value_cache + slots[t] * row_bytes, (const char*)value + t * row_bytes, (size_t)row_bytes);
     }
 }
+
+/* int8 cache rows: each (token, head) row of head_dim values x is stored as round(x * 127 / max|x|) with the
+ * scale max|x| / 127 (0 for an all-zero row), so x ~= value * scale. The same float32 operations as the torch
+ * fallback (neox_ray.layers.attention.quantize_kv_rows), so both write the same bytes. */
+#define DEFINE_STORE_KV_INT8(NAME, T, LOAD)                                                                 \
+void NAME(const T* key, const T* value, int8_t* key_cache, int8_t* value_cache, float* key_scales,          \
+          float* value_scales, const int64_t* slots, int64_t num_tokens, int64_t num_heads,                 \
+          int64_t head_dim, int num_threads) {                                                              \
+    const int64_t rows = num_tokens * num_heads;                                                            \
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(rows >= 1024)")                  \
+    for (int64_t row = 0; row < 2 * rows; ++row) {                                                          \
+        const int is_value = row >= rows;                                                                   \
+        const int64_t r = is_value ? row - rows : row;                                                      \
+        const int64_t t = r / num_heads, h = r % num_heads;                                                 \
+        const T* x = (is_value ? value : key) + r * head_dim;                                               \
+        const int64_t slot_row = slots[t] * num_heads + h;                                                  \
+        int8_t* dst = (is_value ? value_cache : key_cache) + slot_row * head_dim;                           \
+        float largest = 0.0f;                                                                               \
+        for (int64_t d = 0; d < head_dim; ++d) {                                                            \
+            const float a = fabsf(LOAD(x[d]));                                                              \
+            largest = a > largest ? a : largest;                                                            \
+        }                                                                                                   \
+        const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;                                     \
+        for (int64_t d = 0; d < head_dim; ++d) {                                                            \
+            const float q = __builtin_rintf(LOAD(x[d]) * inverse);                                          \
+            dst[d] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q == q ? q : 0.0f);            \
+        }                                                                                                   \
+        (is_value ? value_scales : key_scales)[slot_row] = largest / 127.0f;                                \
+    }                                                                                                       \
+}
+
+DEFINE_STORE_KV_INT8(store_kv_int8_f32, float, LOAD_F32)
+DEFINE_STORE_KV_INT8(store_kv_int8_bf16, uint16_t, bf16_to_float)

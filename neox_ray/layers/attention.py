@@ -5,6 +5,10 @@ new tokens sit (``query_start_loc``), how long its context is after this step (`
 cache slots the new keys/values go to (``slot_mapping``) and which cache blocks hold its context
 (``block_tables``). The cache itself is one preallocated tensor per layer of shape
 ``(2, num_blocks, block_size, heads, head_dim)``, handed to each :class:`Attention` by the model runner.
+It holds the model's dtype, or int8 (``kv_cache_dtype="int8"``, CPU): then each (slot, head) row of keys or
+values is stored as int8 with one float32 scale, in ``kv_scales`` of shape ``(2, num_blocks, block_size,
+heads)`` (:func:`quantize_kv_rows`); the C decode kernel reads it as it is, the torch paths dequantize what
+they read.
 
 Backends:
 - ``sdpa``: torch's scaled_dot_product_attention (default on CPU; uses flash/memory-efficient kernels on GPU).
@@ -153,16 +157,13 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(head_dim)
         self.backend = backend
         self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, heads, head_dim), set by the runner
+        self.kv_scales: torch.Tensor | None = None  # int8 cache only: (2, num_blocks, block_size, heads) float32
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """query/key/value: (tokens, heads, head_dim) -> (tokens, heads, head_dim)."""
         if self.kv_cache is not None and meta.slot_mapping is not None:
-            key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-            if not (meta.slots_checked and cpu_paged_attention.store_kv(key, value, key_cache, value_cache,
-                                                                         meta.slot_mapping)):
-                key_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, key)
-                value_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, meta.slot_mapping, value)
+            self._store(key, value, meta)
         if self.backend == "flash_attn":
             return self._flash_attn(query, key, value, meta)
         with_kernel = meta.decode_path == "kernel" and bool(meta.decode_seqs)
@@ -176,7 +177,7 @@ class Attention(nn.Module):
                 k, v, mask = key[start:end], value[start:end], None
             else:
                 assert meta.block_tables is not None  # AttentionMetadata.to() requires them for cached context
-                k, v = self._gather_context(meta.block_tables[i], context_len)
+                k, v = self._gather_context(meta.block_tables[i], context_len, query.dtype)
                 mask = _causal_mask_with_offset(end - start, context_len, query.device)
             output[start:end] = self._attend(query[start:end].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              mask, causal=mask is None)[0]
@@ -188,17 +189,41 @@ class Attention(nn.Module):
             # Gather each group's context blocks into (B, blocks * block_size, heads, dim); groups hold
             # sequences of similar length so little of the gather is padding.
             kv = self._cache()[:, group.block_tables].flatten(2, 3)
+            if self.kv_scales is not None:
+                kv = dequantize_kv(kv, self.kv_scales[:, group.block_tables].flatten(2, 3).unsqueeze(-1), query.dtype)
             out = self._attend(query[group.token_index].unsqueeze(1), kv[0], kv[1], group.mask, causal=False)
             output[group.token_index] = out[:, 0]
         return output
 
+    def _store(self, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Writes this step's keys and values to their slots (quantized first for an int8 cache)."""
+        assert self.kv_cache is not None and meta.slot_mapping is not None
+        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        slots = meta.slot_mapping
+        if self.kv_scales is None:
+            if meta.slots_checked and cpu_paged_attention.store_kv(key, value, key_cache, value_cache, slots):
+                return
+            key_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, key)
+            value_cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, value)
+            return
+        key_scales, value_scales = self.kv_scales[0], self.kv_scales[1]
+        if meta.slots_checked and cpu_paged_attention.store_kv_int8(key, value, key_cache, value_cache, key_scales,
+                                                                    value_scales, slots):
+            return
+        for rows, cache, scales in ((key, key_cache, key_scales), (value, value_cache, value_scales)):
+            quantized, row_scales = quantize_kv_rows(rows)
+            cache.view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, quantized)
+            scales.view(-1, self.num_heads).index_copy_(0, slots, row_scales)
+
     def _decode_with_kernel(self, queries: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decode sequences' queries (one row each, in ``meta.decode_seqs`` order) through the C kernel."""
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        cache = self._cache()
+        cache, scales = self._cache(), self.kv_scales
         return cpu_paged_attention.decode_attention(queries, cache[0], cache[1], meta.decode_block_tables,
                                                     meta.decode_context_lens, self.scale,
-                                                    tables_checked=meta.decode_tables_checked)
+                                                    tables_checked=meta.decode_tables_checked,
+                                                    key_scales=None if scales is None else scales[0],
+                                                    value_scales=None if scales is None else scales[1])
 
     def _cache(self) -> torch.Tensor:
         """The paged KV cache; reading cached context before the model runner allocated it is a bug."""
@@ -214,6 +239,11 @@ class Attention(nn.Module):
         cache = self._cache()
         keys = cache[0].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
         values = cache[1].view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        # int8 cache: (heads, slots, 1) scales beside the (heads, slots, head_dim) values
+        key_scales = value_scales = None
+        if self.kv_scales is not None:
+            key_scales = self.kv_scales[0].view(-1, self.num_heads).transpose(0, 1).unsqueeze(2)
+            value_scales = self.kv_scales[1].view(-1, self.num_heads).transpose(0, 1).unsqueeze(2)
         queries = query.unsqueeze(2)  # (tokens, heads, 1, head_dim)
         outputs = []
         rows = [meta.query_start_loc[i] for i in meta.decode_seqs]
@@ -225,6 +255,10 @@ class Attention(nn.Module):
             else:
                 k = torch.cat([keys[:, start:start + length] for start, length in runs], dim=1)
                 v = torch.cat([values[:, start:start + length] for start, length in runs], dim=1)
+            if key_scales is not None and value_scales is not None:
+                index = torch.cat([torch.arange(start, start + length) for start, length in runs])
+                k = dequantize_kv(k, key_scales[:, index], query.dtype)
+                v = dequantize_kv(v, value_scales[:, index], query.dtype)
             if self.backend == "eager":
                 outputs.append(self._attend(queries[row].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                             v.transpose(0, 1).unsqueeze(0), None, causal=False)[0].transpose(0, 1))
@@ -234,12 +268,16 @@ class Attention(nn.Module):
                                                               v.unsqueeze(0), scale=self.scale)[0])
         output[meta.decode_token_index] = torch.stack(outputs)[:, :, 0]
 
-    def _gather_context(self, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_context(self, block_table: torch.Tensor, context_len: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._cache()
         block_size = cache.shape[2]
         blocks = block_table[: -(-context_len // block_size)]
         k = cache[0][blocks].flatten(0, 1)[:context_len]
         v = cache[1][blocks].flatten(0, 1)[:context_len]
+        if self.kv_scales is not None:
+            k = dequantize_kv(k, self.kv_scales[0][blocks].flatten(0, 1)[:context_len].unsqueeze(-1), dtype)
+            v = dequantize_kv(v, self.kv_scales[1][blocks].flatten(0, 1)[:context_len].unsqueeze(-1), dtype)
         return k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -284,6 +322,21 @@ class Attention(nn.Module):
                 block_table=meta.block_tables[meta.decode_seqs].to(torch.int32),
                 softmax_scale=self.scale, causal=True)[:, 0]
         return output
+
+
+def quantize_kv_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., head_dim) keys or values -> int8 values and (...) float32 scales, one per row: round(x * 127 /
+    max|x|), scale max|x| / 127 (0 for an all-zero row). The C store does the same float32 operations."""
+    rows = rows.float()
+    largest = rows.abs().amax(dim=-1)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    values = torch.round(rows * inverse.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return values, largest / 127.0
+
+
+def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 cache rows times their scales (broadcast over head_dim), in ``dtype``."""
+    return (values.float() * scales).to(dtype)
 
 
 def _causal_mask_with_offset(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
