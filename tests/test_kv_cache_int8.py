@@ -59,14 +59,15 @@ def test_quantized_rows_are_within_half_a_step_and_zero_rows_stay_zero() -> None
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_store_writes_what_the_torch_quantizer_writes(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("head_dim", [8, 64])  # the scalar loop; 16 values at a time with AVX-512
+def test_c_store_writes_what_the_torch_quantizer_writes(dtype: torch.dtype, head_dim: int) -> None:
     generator = torch.Generator().manual_seed(5)
-    blocks, block_size, heads, head_dim = 6, 4, 3, 8
+    blocks, block_size, heads = 24, 4, 3
     key_cache, value_cache = (torch.zeros(blocks, block_size, heads, head_dim, dtype=torch.int8) for _ in range(2))
     key_scales, value_scales = (torch.zeros(blocks, block_size, heads) for _ in range(2))
-    key, value = (torch.randn(5, heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    key, value = (torch.randn(60, heads, head_dim, generator=generator).to(dtype) for _ in range(2))
     value[1, 2] = 0.0
-    slots = torch.tensor([0, 7, 23, 12, 13])
+    slots = torch.randperm(blocks * block_size, generator=generator)[:60]
     assert cpu_paged_attention.store_kv_int8(key, value, key_cache, value_cache, key_scales, value_scales, slots)
     for rows, cache, scales in ((key, key_cache, key_scales), (value, value_cache, value_scales)):
         want_values, want_scales = quantize_kv_rows(rows)

@@ -278,13 +278,37 @@ void store_kv(const void* key, const void* value, void* key_cache, void* value_c
 
 /* int8 cache rows: each (token, head) row of head_dim values x is stored as round(x * 127 / max|x|) with the
  * scale max|x| / 127 (0 for an all-zero row), so x ~= value * scale. The same float32 operations as the torch
- * fallback (neox_ray.layers.attention.quantize_kv_rows), so both write the same bytes. */
-#define DEFINE_STORE_KV_INT8(NAME, T, LOAD)                                                                 \
+ * fallback (neox_ray.layers.attention.quantize_kv_rows), so both write the same bytes; with AVX-512, rows whose
+ * head_dim is a multiple of 16 take 16 values at a time (the same roundings: nearest-even, then the clamp). */
+#ifdef __AVX512F__
+#define DEFINE_QUANTIZE_ROW_AVX512(NAME, T, LOAD16)                                                          \
+static inline int NAME(const T* x, int64_t head_dim, int8_t* dst, float* scale) {                          \
+    if (head_dim % 16) return 0;                                                                            \
+    __m512 largest = _mm512_setzero_ps();                                                                   \
+    for (int64_t d = 0; d < head_dim; d += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(LOAD16(x + d))); \
+    const float row_largest = _mm512_reduce_max_ps(largest);                                                \
+    const __m512 inverse = _mm512_set1_ps(row_largest > 0.0f ? 127.0f / row_largest : 0.0f);                \
+    for (int64_t d = 0; d < head_dim; d += 16) {                                                            \
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(LOAD16(x + d), inverse));                              \
+        q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));         \
+        _mm_storeu_si128((__m128i*)(dst + d), _mm512_cvtepi32_epi8(q));                                     \
+    }                                                                                                       \
+    *scale = row_largest / 127.0f;                                                                          \
+    return 1;                                                                                               \
+}
+DEFINE_QUANTIZE_ROW_AVX512(quantize_row_fast_f32, float, load16_f32)
+DEFINE_QUANTIZE_ROW_AVX512(quantize_row_fast_bf16, uint16_t, load16_bf16)
+#else
+#define quantize_row_fast_f32(...) 0
+#define quantize_row_fast_bf16(...) 0
+#endif
+
+#define DEFINE_STORE_KV_INT8(NAME, T, LOAD, FAST)                                                           \
 void NAME(const T* key, const T* value, int8_t* key_cache, int8_t* value_cache, float* key_scales,          \
           float* value_scales, const int64_t* slots, int64_t num_tokens, int64_t num_heads,                 \
           int64_t head_dim, int num_threads) {                                                              \
     const int64_t rows = num_tokens * num_heads;                                                            \
-    _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(rows >= 1024)")                  \
+    _Pragma("omp parallel for num_threads(num_threads) schedule(static) if(rows >= 4096)")                  \
     for (int64_t row = 0; row < 2 * rows; ++row) {                                                          \
         const int is_value = row >= rows;                                                                   \
         const int64_t r = is_value ? row - rows : row;                                                      \
@@ -292,6 +316,8 @@ void NAME(const T* key, const T* value, int8_t* key_cache, int8_t* value_cache, 
         const T* x = (is_value ? value : key) + r * head_dim;                                               \
         const int64_t slot_row = slots[t] * num_heads + h;                                                  \
         int8_t* dst = (is_value ? value_cache : key_cache) + slot_row * head_dim;                           \
+        float* scale = (is_value ? value_scales : key_scales) + slot_row;                                   \
+        if (FAST(x, head_dim, dst, scale)) continue;                                                        \
         float largest = 0.0f;                                                                               \
         for (int64_t d = 0; d < head_dim; ++d) {                                                            \
             const float a = fabsf(LOAD(x[d]));                                                              \
@@ -302,9 +328,9 @@ void NAME(const T* key, const T* value, int8_t* key_cache, int8_t* value_cache, 
             const float q = __builtin_rintf(LOAD(x[d]) * inverse);                                          \
             dst[d] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q == q ? q : 0.0f);            \
         }                                                                                                   \
-        (is_value ? value_scales : key_scales)[slot_row] = largest / 127.0f;                                \
+        *scale = largest / 127.0f;                                                                          \
     }                                                                                                       \
 }
 
-DEFINE_STORE_KV_INT8(store_kv_int8_f32, float, LOAD_F32)
-DEFINE_STORE_KV_INT8(store_kv_int8_bf16, uint16_t, bf16_to_float)
+DEFINE_STORE_KV_INT8(store_kv_int8_f32, float, LOAD_F32, quantize_row_fast_f32)
+DEFINE_STORE_KV_INT8(store_kv_int8_bf16, uint16_t, bf16_to_float, quantize_row_fast_bf16)

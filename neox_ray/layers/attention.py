@@ -329,7 +329,8 @@ def quantize_kv_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     max|x|), scale max|x| / 127 (0 for an all-zero row). The C store does the same float32 operations."""
     rows = rows.float()
     largest = rows.abs().amax(dim=-1)
-    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    # A tensor-by-tensor division, correctly rounded as C's: ``127.0 / largest`` is a reciprocal times 127 in torch.
+    inverse = torch.where(largest > 0, torch.full_like(largest, 127.0) / largest, torch.zeros_like(largest))
     values = torch.round(rows * inverse.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return values, largest / 127.0
 
