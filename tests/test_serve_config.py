@@ -160,3 +160,33 @@ def test_health_fails_when_the_engine_loop_died() -> None:
     with pytest.raises(APIError) as info:
         server.check_health()
     assert info.value.status_code == 503 and info.value.body()["error"]["code"] == "engine_dead"
+
+
+def test_sigterm_stops_the_served_application_like_ctrl_c(monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """`kill PID` (a container or process manager stopping the server) shuts Serve down and exits 0: before,
+    Ray's own handler printed a SystemExit traceback and serve.shutdown() never ran. Ray is stubbed: what is
+    tested is the CLI's signal handling around serve.run."""
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+
+    from neox_ray.cli import main
+    from neox_ray.serve import cli as serve_cli
+    from neox_ray.serve import deployment
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append("init"))
+    monkeypatch.setattr(deployment, "build_application", lambda args, **options: "app")
+    monkeypatch.setattr(serve, "start", lambda **kwargs: calls.append("start"))
+    monkeypatch.setattr(serve, "run", lambda app, **kwargs: calls.append("run"))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(serve_cli.time, "sleep", lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["serve", "--model", "/ckpt/y"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == ["init", "start", "run", "shutdown"]
+    assert "neox-ray: stopping" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -145,9 +146,17 @@ def run(args: argparse.Namespace) -> int:
     http = config["http_options"]
     print(f"neox-ray: serving {app['args']['model']} at http://{http['host']}:{http['port']}"
           f"{app.get('route_prefix', '/').rstrip('/')}/v1 (Ctrl-C to stop)", flush=True)
+    # SIGTERM (`kill`, a container stop, a process manager) stops the application like Ctrl-C does; left to
+    # Ray's own handler it printed a SystemExit traceback and skipped serve.shutdown().
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("neox-ray: stopping", flush=True)
         serve.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
