@@ -271,3 +271,25 @@ def test_every_surface_takes_the_setting(tmp_path: Path) -> None:
         ServeArgs(model="/m", engine={"kv_cache_dtype": "int8", "device": "cuda"})
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--kv-cache-dtype", "fp8"])
+
+
+@needs_kernel
+@pytest.mark.ray
+@pytest.mark.slow
+def test_int8_cache_under_tensor_parallelism_matches_one_rank(ray_session, tiny_checkpoint: Path) -> None:
+    """Scales are per (slot, head) and each rank holds whole heads, so two ranks store the same int8 rows as
+    one: the same tokens, logprobs equal up to the all-reduce's float order."""
+    from neox_ray import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    reference = LLM(str(tiny_checkpoint), block_size=4, kv_cache_dtype="int8").generate(PROMPTS, params)
+    llm = LLM(str(tiny_checkpoint), tensor_parallel_size=2, block_size=4, kv_cache_dtype="int8",
+              worker_num_cpus=0.25, placement_timeout_s=30)
+    try:
+        for ours, ref in zip(llm.generate(PROMPTS, params), reference, strict=True):
+            assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
+            diffs = [abs(a[t] - b[t]) for a, b, t in zip(ours.outputs[0].logprobs, ref.outputs[0].logprobs,
+                                                        ref.outputs[0].token_ids, strict=True)]
+            assert max(diffs) < 1e-3
+    finally:
+        llm.shutdown()
