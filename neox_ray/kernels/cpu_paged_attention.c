@@ -134,26 +134,21 @@ DEFINE_SEQUENCE_AVX512(sequence_avx512_bf16, uint16_t, load16_bf16, 0)
 DEFINE_SEQUENCE_AVX512(sequence_avx512_i8, int8_t, load16_i8, 1)
 
 /* Dispatches to a copy unrolled for the head size; 0 when there is none (the portable loop runs then). */
+#define SEQUENCE_ARGS(CHUNKS) q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, \
+                              slot_stride, num_heads, head_offset, nh, CHUNKS, state, out
 #define DEFINE_SEQUENCE_DISPATCH(NAME, T, BODY)                                                             \
 static int NAME(const float* q, const T* key_cache, const T* value_cache, const float* key_scales,          \
                 const float* value_scales, const int64_t* table, int64_t len, int64_t block_size,          \
                 int64_t slot_stride, int64_t num_heads, int64_t head_offset, int64_t nh, int64_t head_dim,  \
                 float* state, float* out) {                                                                 \
     switch (head_dim) {                                                                                     \
-    case 16: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 1, state, out); return 1;                              \
-    case 32: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 2, state, out); return 1;                              \
-    case 64: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 4, state, out); return 1;                              \
-    case 80: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 5, state, out); return 1;                              \
-    case 96: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 6, state, out); return 1;                              \
-    case 128: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 8, state, out); return 1;                              \
-    case 256: BODY(q, key_cache, value_cache, key_scales, value_scales, table, len, block_size, slot_stride, \
-                 num_heads, head_offset, nh, 16, state, out); return 1;                              \
+    case 16: BODY(SEQUENCE_ARGS(1)); return 1;                                                              \
+    case 32: BODY(SEQUENCE_ARGS(2)); return 1;                                                              \
+    case 64: BODY(SEQUENCE_ARGS(4)); return 1;                                                              \
+    case 80: BODY(SEQUENCE_ARGS(5)); return 1;                                                              \
+    case 96: BODY(SEQUENCE_ARGS(6)); return 1;                                                              \
+    case 128: BODY(SEQUENCE_ARGS(8)); return 1;                                                             \
+    case 256: BODY(SEQUENCE_ARGS(16)); return 1;                                                            \
     default: return 0;                                                                                      \
     }                                                                                                       \
 }
