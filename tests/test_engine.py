@@ -407,7 +407,7 @@ def test_default_cpu_kv_cache_is_capped_by_bytes_and_available_memory(tiny_check
     assert "half of the memory available" in caplog.text
     explicit = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=16)  # an explicit size is the user's call
     assert explicit.engine.executor.num_kv_blocks == 16
-    assert len(capped.generate([[5] * 4], SamplingParams(max_tokens=4))[0].outputs[0].token_ids) == 4
+    assert len(capped.generate([[5] * 4], SamplingParams(max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids) == 4
 
 
 def test_cpu_kv_cache_is_not_touched_at_load(tiny_checkpoint: Path) -> None:
