@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from neox_ray.kernels import cpu_quantize
+from neox_ray.kernels import cpu_int8_gemm, cpu_quantize
 from neox_ray.layers.activation import get_activation
 from neox_ray.layers.cpu_gemm import FUSED_ACTIVATIONS  # the int8 GEMM takes the same post-ops
 
@@ -77,10 +77,11 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """A weight quantized per output channel and packed for oneDNN."""
+    """A weight quantized per output channel and packed for oneDNN (and, on AMX CPUs, for the decode kernel)."""
     packed: torch.Tensor         # opaque oneDNN int8 tensor, (in_features, out_features) blocked
     scales: torch.Tensor         # (out_features,) float32: weight = int8 value * scale
     zero_points: torch.Tensor    # (out_features,) int64 zeros (symmetric); the op wants them as a tensor
+    tiles: cpu_int8_gemm.PackedInt8 | None = None  # the same int8 values for the AMX kernel (decode batches)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +94,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack_int8_weight(weight: torch.Tensor) -> Int8Weight:
     quantized, scales = quantize_weight(weight)
     packed = torch.ops.onednn.qlinear_prepack(quantized, None)
-    return Int8Weight(packed, scales, torch.zeros(scales.numel(), dtype=torch.int64))
+    return Int8Weight(packed, scales, torch.zeros(scales.numel(), dtype=torch.int64),
+                      cpu_int8_gemm.pack(quantized, scales))
 
 
 def _quantize_fused(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -127,6 +129,10 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
     The GEMM writes ``output_dtype`` itself (float32 logits from bfloat16 activations need no extra pass)."""
     post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", "")) if activation else ("none", "")
     quantized, scale, zero_point = quantize_activation(x)
+    if weight.tiles is not None and x.dim() == 2 and x.shape[0] <= cpu_int8_gemm.MAX_ROWS:
+        out = cpu_int8_gemm.multiply(quantized, scale, zero_point, weight.tiles, bias, output_dtype or x.dtype)
+        if out is not None:
+            return get_activation(activation)(out) if activation else out
     out = torch.ops.onednn.qlinear_pointwise(quantized, scale, zero_point, weight.packed, weight.scales,
                                              weight.zero_points, bias, 1.0, 0, output_dtype or x.dtype, post_op, [],
                                              algorithm)

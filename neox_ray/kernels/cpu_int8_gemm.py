@@ -1,0 +1,100 @@
+"""Builds, loads and calls the AMX int8 GEMM for decode-sized batches (``cpu_int8_gemm.c``).
+
+Why a kernel: a decode step's int8 linears multiply a few dozen rows by weights that come from memory, so
+they are bound by how fast the weights stream. oneDNN's AMX matmul reads them at 15-22 GB/s for up to 16 rows
+but ~10 GB/s for 48, and pays ~45 us a call even for one row; this kernel reads each 1 KiB weight tile once for
+up to 64 rows (see the C file).
+
+It is used only where it applies: the CPU has AMX (int8) and the build saw it, Linux granted the process AMX
+state, at most :data:`MAX_ROWS` rows, input features a multiple of 64 and output features of 16. Everywhere
+else :func:`available` is False or :func:`multiply` returns None and the caller (:mod:`neox_ray.layers.cpu_int8`)
+runs oneDNN. Built at first use by :mod:`neox_ray.kernels.build` (``NEOX_RAY_CPU_KERNELS=0`` switches it off).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neox_ray.kernels.build import load_library
+
+SOURCE = Path(__file__).with_name("cpu_int8_gemm.c")
+MAX_ROWS = 64
+_PTR, _INT64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "int8_gemm_amx_ready": ([], ctypes.c_int),
+    "int8_gemm_amx": ([_PTR, _INT64, _INT64, _PTR, _INT64, _PTR, _PTR, _PTR, ctypes.c_float, ctypes.c_int32, _PTR,
+                       ctypes.c_int, ctypes.c_int], ctypes.c_int),
+    "int8_gemm_pack": ([_PTR, _INT64, _INT64, _PTR, _PTR], ctypes.c_int),
+}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    library = load_library(SOURCE, "AMX int8 GEMM kernel", "oneDNN's int8 matmul for every batch size", _SIGNATURES)
+    if library is None or not library.int8_gemm_amx_ready():
+        return None
+    return library
+
+
+def available() -> bool:
+    """Whether this CPU, build and process run the AMX kernel."""
+    return _library() is not None
+
+
+def applies(in_features: int, out_features: int) -> bool:
+    return in_features % 64 == 0 and out_features % 16 == 0
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """Weights in the kernel's tile layout, with what the epilogue needs."""
+    tiles: torch.Tensor          # (out_features * in_features,) int8
+    column_sums: torch.Tensor    # (out_features,) int32: each channel's sum of int8 weights
+    scales: torch.Tensor         # (out_features,) float32
+    in_features: int
+    out_features: int
+
+
+def pack(quantized: torch.Tensor, scales: torch.Tensor) -> PackedInt8 | None:
+    """(out, in) int8 weights and their per-channel scales -> the kernel's layout; None when the kernel is not
+    available or does not take this shape."""
+    library = _library()
+    out_features, in_features = quantized.shape
+    if library is None or not applies(in_features, out_features):
+        return None
+    quantized = quantized.contiguous()
+    tiles = torch.empty(out_features * in_features, dtype=torch.int8)
+    column_sums = torch.empty(out_features, dtype=torch.int32)
+    if library.int8_gemm_pack(quantized.data_ptr(), out_features, in_features, tiles.data_ptr(),
+                              column_sums.data_ptr()) != 0:
+        return None
+    return PackedInt8(tiles, column_sums, scales.float().contiguous(), in_features, out_features)
+
+
+def multiply(activation: torch.Tensor, scale: float, zero_point: int, weight: PackedInt8,
+             bias: torch.Tensor | None, output_dtype: torch.dtype) -> torch.Tensor | None:
+    """``scale * weight.scales * ((activation - zero_point) @ W^T) + bias`` for a (rows, in) uint8 activation,
+    as (rows, out) ``output_dtype`` (float32 or bfloat16); None when the kernel does not take it (the caller
+    then runs oneDNN)."""
+    library = _library()
+    rows = activation.shape[0]
+    if (library is None or activation.dim() != 2 or not 1 <= rows <= MAX_ROWS
+            or activation.dtype != torch.uint8 or activation.shape[1] != weight.in_features
+            or output_dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    activation = activation.contiguous()
+    if bias is not None:
+        bias = bias.float().contiguous()
+    out = torch.empty(rows, weight.out_features, dtype=output_dtype)
+    status = library.int8_gemm_amx(
+        activation.data_ptr(), rows, weight.in_features, weight.tiles.data_ptr(), weight.out_features,
+        weight.column_sums.data_ptr(), weight.scales.data_ptr(), None if bias is None else bias.data_ptr(),
+        scale, zero_point, out.data_ptr(), int(output_dtype == torch.bfloat16), torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("the AMX int8 GEMM could not allocate its scratch buffer")
+    return out if status == 0 else None

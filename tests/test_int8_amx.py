@@ -1,0 +1,112 @@
+"""The AMX int8 GEMM for decode-sized batches (``kernels/cpu_int8_gemm.c``) against the exact int8 product and
+against oneDNN's int8 matmul, its weight layout, and where it steps aside. Skipped on CPUs without AMX (the CI
+machine): there every int8 linear runs on oneDNN, which ``tests/test_int8.py`` covers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from neox_ray.kernels import cpu_int8_gemm
+from neox_ray.layers import cpu_int8
+
+needs_amx = pytest.mark.skipif(not cpu_int8_gemm.available(), reason="no AMX int8 here (or no C compiler)")
+
+
+def problem(rows: int, in_features: int, out_features: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    x = torch.randn(rows, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    return weight, x, bias
+
+
+def exact(quantized_x: torch.Tensor, scale: float, zero_point: int, quantized_w: torch.Tensor,
+          w_scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The int8 linear's arithmetic in float64: integer sums are exact there."""
+    sums = (quantized_x.double() - zero_point) @ quantized_w.double().T
+    out = sums * scale * w_scales.double()
+    return out + bias.double() if bias is not None else out
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 48, 64])
+@pytest.mark.parametrize("in_features,out_features", [(64, 16), (768, 48), (512, 2048)])
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernel_equals_the_exact_int8_product(rows: int, in_features: int, out_features: int,
+                                              output_dtype: torch.dtype, with_bias: bool) -> None:
+    weight, x, bias = problem(rows, in_features, out_features, seed=rows)
+    quantized_w, w_scales = cpu_int8.quantize_weight(weight)
+    packed = cpu_int8_gemm.pack(quantized_w, w_scales)
+    assert packed is not None
+    quantized_x, scale, zero_point = cpu_int8.quantize_activation(x)
+    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias if with_bias else None, output_dtype)
+    assert got is not None and got.dtype == output_dtype and got.shape == (rows, out_features)
+    want = exact(quantized_x, scale, zero_point, quantized_w, w_scales, bias if with_bias else None)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if output_dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    torch.testing.assert_close(got.double(), want, **tolerance)
+
+
+@needs_amx
+def test_packed_tiles_hold_every_weight_where_tdpbusd_reads_it() -> None:
+    """Tile (block, slice), row r, bytes 4c..4c+3 = inputs 64*slice + 4r .. +3 of channel 16*block + c."""
+    out_features, in_features = 32, 128
+    quantized = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    packed = cpu_int8_gemm.pack(quantized, torch.ones(out_features))
+    assert packed is not None
+    tiles = packed.tiles.view(out_features // 16, in_features // 64, 16, 16, 4)  # block, slice, row, column, byte
+    unpacked = tiles.permute(0, 3, 1, 2, 4).reshape(out_features, in_features)
+    assert torch.equal(unpacked, quantized)
+    assert torch.equal(packed.column_sums, quantized.int().sum(dim=1, dtype=torch.int32))
+
+
+@needs_amx
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_int8_linear_takes_the_kernel_for_decode_batches_and_onednn_beyond(activation: str | None) -> None:
+    """Up to 64 rows int8_linear runs the AMX kernel, above it oneDNN; both give the same outputs (to float
+    rounding) and the activation is applied either way."""
+    weight, x, bias = problem(80, 512, 2048)
+    packed = cpu_int8.pack_int8_weight(weight)
+    assert packed.tiles is not None
+    both = cpu_int8.int8_linear(x, packed, bias, activation)  # 80 rows: oneDNN
+    decode = cpu_int8.int8_linear(x[:48], packed, bias, activation)  # the kernel (its own activation scale)
+    without = cpu_int8.Int8Weight(packed.packed, packed.scales, packed.zero_points)  # no tiles: oneDNN
+    reference = cpu_int8.int8_linear(x[:48], without, bias, activation)
+    torch.testing.assert_close(decode, reference, atol=1e-4, rtol=1e-4)
+    assert cpu_int8.relative_error(decode, both[:48]) < 0.05  # a different activation scale, same function
+
+
+def test_the_kernel_steps_aside_for_shapes_it_does_not_take() -> None:
+    weight = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    assert cpu_int8_gemm.pack(weight, torch.ones(24)) is None  # 24 output channels: not a multiple of 16
+    assert not cpu_int8_gemm.applies(100, 16)
+    if cpu_int8_gemm.available():
+        packed = cpu_int8_gemm.pack(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16))
+        assert packed is not None
+        too_many = torch.zeros(cpu_int8_gemm.MAX_ROWS + 1, 64, dtype=torch.uint8)
+        assert cpu_int8_gemm.multiply(too_many, 1.0, 0, packed, None, torch.float32) is None
+
+
+@needs_amx
+def test_int8_engine_decodes_through_the_kernel_like_through_onednn(tiny_checkpoint: Path, monkeypatch) -> None:
+    from neox_ray import LLM, SamplingParams
+
+    prompts = [[5 + i] * (4 + 9 * i) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    llm = LLM(str(tiny_checkpoint), quantization="int8", max_num_seqs=8)
+    assert llm.engine.executor.runner.model.embed_out.int8_weight.tiles is not None
+    calls = []
+    multiply = cpu_int8_gemm.multiply
+    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args: calls.append(1) or multiply(*args))
+    ours = llm.generate(prompts, params)
+    assert calls  # decode steps went through the kernel
+    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args: None)  # every linear on oneDNN
+    theirs = LLM(str(tiny_checkpoint), quantization="int8", max_num_seqs=8).generate(prompts, params)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        diffs = [abs(x[t] - y[t]) for x, y, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs,
+                                                    a.outputs[0].token_ids, strict=True)]
+        assert max(diffs) < 1e-3
