@@ -51,6 +51,22 @@ def test_kernel_equals_the_exact_int8_product(rows: int, in_features: int, out_f
 
 
 @needs_amx
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16])
+def test_fused_gelu_equals_the_erf_gelu_of_the_exact_product(output_dtype: torch.dtype) -> None:
+    weight, x, bias = problem(48, 512, 2048, seed=7)
+    x = x * 3  # pre-activations well into both tails of the GELU
+    quantized_w, w_scales = cpu_int8.quantize_weight(weight)
+    packed = cpu_int8_gemm.pack(quantized_w, w_scales)
+    assert packed is not None
+    quantized_x, scale, zero_point = cpu_int8.quantize_activation(x)
+    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias, output_dtype, gelu=True)
+    assert got is not None
+    want = torch.nn.functional.gelu(exact(quantized_x, scale, zero_point, quantized_w, w_scales, bias))
+    tolerance = {"atol": 2e-6, "rtol": 1e-5} if output_dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    torch.testing.assert_close(got.double(), want, **tolerance)
+
+
+@needs_amx
 def test_packed_tiles_hold_every_weight_where_tdpbusd_reads_it() -> None:
     """Tile (block, slice), row r, bytes 4c..4c+3 = inputs 64*slice + 4r .. +3 of channel 16*block + c."""
     out_features, in_features = 32, 128
@@ -100,10 +116,11 @@ def test_int8_engine_decodes_through_the_kernel_like_through_onednn(tiny_checkpo
     assert llm.engine.executor.runner.model.embed_out.int8_weight.tiles is not None
     calls = []
     multiply = cpu_int8_gemm.multiply
-    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args: calls.append(1) or multiply(*args))
+    monkeypatch.setattr(cpu_int8_gemm, "multiply",
+                        lambda *args, **kwargs: calls.append(1) or multiply(*args, **kwargs))
     ours = llm.generate(prompts, params)
     assert calls  # decode steps went through the kernel
-    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args: None)  # every linear on oneDNN
+    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args, **kwargs: None)  # every linear on oneDNN
     theirs = LLM(str(tiny_checkpoint), quantization="int8", max_num_seqs=8).generate(prompts, params)
     for a, b in zip(ours, theirs, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

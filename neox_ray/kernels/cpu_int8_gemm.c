@@ -63,10 +63,31 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* The epilogue of one 16-channel block: int32 sums -> scaled, biased float32 or bfloat16 outputs. */
+/* gelu(x) = x / 2 * (1 + erf(x / sqrt 2)) (the erf form, torch's default), with erf from Abramowitz & Stegun
+ * 7.1.26 (absolute error <= 1.5e-7): 1 - t (a1 + t (a2 + ...)) exp(-z^2), t = 1 / (1 + p z), z = |x| / sqrt 2. */
+static inline __m512 gelu16(__m512 x) {
+    const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f),
+                                                                           _mm512_set1_ps(1.0f)));
+    __m512 poly = _mm512_set1_ps(1.061405429f);
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 tail = _mm512_mul_ps(poly, exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z))));
+    const __m512 erf_abs = _mm512_sub_ps(_mm512_set1_ps(1.0f), tail);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 erf = _mm512_mask_sub_ps(erf_abs, negative, _mm512_setzero_ps(), erf_abs);
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.0f)));
+}
+
+/* The epilogue of one 16-channel block: int32 sums -> scaled, biased (and with gelu set, GELU'd) float32 or
+ * bfloat16 outputs. */
 static inline void write_block(const int32_t* sums, int64_t rows, int64_t n, int64_t first_channel,
                                const int32_t* column_sums, const float* weight_scales, const float* bias,
-                               float activation_scale, int32_t activation_zero, void* out, int out_bf16) {
+                               float activation_scale, int32_t activation_zero, int gelu, void* out,
+                               int out_bf16) {
     const __m512i compensation = _mm512_mullo_epi32(_mm512_set1_epi32(activation_zero),
                                                     _mm512_loadu_si512(column_sums + first_channel));
     const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(activation_scale),
@@ -74,7 +95,8 @@ static inline void write_block(const int32_t* sums, int64_t rows, int64_t n, int
     const __m512 offsets = bias ? _mm512_loadu_ps(bias + first_channel) : _mm512_setzero_ps();
     for (int64_t r = 0; r < rows; ++r) {
         const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512(sums + r * 16), compensation);
-        const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scales, offsets);
+        __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scales, offsets);
+        if (gelu) value = gelu16(value);
         if (out_bf16) {  /* float_to_bf16 on 16 lanes: round to nearest even, NaN stays a (quiet) NaN */
             const __m512i bits = _mm512_castps_si512(value);
             const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -99,11 +121,13 @@ static inline void write_block(const int32_t* sums, int64_t rows, int64_t n, int
 #define STORE_ROW_TILE(T)                                                                                   \
     if (row_tiles > T) _tile_stored(T, sums + (T) * TILE_ROWS * 16, 64);
 
-/* a: (m, k) uint8 rows; packed: from int8_gemm_pack; out: (m, n) float32 or bfloat16. 0 on success, -1 for a
+/* a: (m, k) uint8 rows; packed: from int8_gemm_pack; gelu: 1 applies the erf GELU to the outputs; out: (m, n)
+ * float32 or bfloat16. 0 on success, -1 for a
  * shape this kernel does not take (m > 64, k % 64, n % 16), -2 when a scratch buffer cannot be allocated. */
 int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
                   const int32_t* column_sums, const float* weight_scales, const float* bias,
-                  float activation_scale, int32_t activation_zero, void* out, int out_bf16, int num_threads) {
+                  float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
+                  int num_threads) {
     if (m < 1 || m > MAX_ROWS || k % TILE_BYTES || n % 16) return -1;
     const int64_t row_tiles = (m + TILE_ROWS - 1) / TILE_ROWS, slices = k / TILE_BYTES, blocks = n / 16;
     /* Rows padded to whole tiles with zeros (their sums are computed and dropped). */
@@ -136,7 +160,7 @@ int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, 
             STORE_ROW_TILE(2)
             STORE_ROW_TILE(3)
             write_block(sums, m, n, block * 16, column_sums, weight_scales, bias, activation_scale,
-                        activation_zero, out, out_bf16);
+                        activation_zero, gelu, out, out_bf16);
         }
         _tile_release();
     }
@@ -148,8 +172,9 @@ int int8_gemm_amx_ready(void) { return 0; }
 
 int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
                   const int32_t* column_sums, const float* weight_scales, const float* bias,
-                  float activation_scale, int32_t activation_zero, void* out, int out_bf16, int num_threads) {
-    (void)a; (void)m; (void)k; (void)packed; (void)n; (void)column_sums; (void)weight_scales; (void)bias;
+                  float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
+                  int num_threads) {
+    (void)a; (void)gelu; (void)m; (void)k; (void)packed; (void)n; (void)column_sums; (void)weight_scales; (void)bias;
     (void)activation_scale; (void)activation_zero; (void)out; (void)out_bf16; (void)num_threads;
     return -1;
 }

@@ -27,8 +27,8 @@ MAX_ROWS = 64
 _PTR, _INT64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "int8_gemm_amx_ready": ([], ctypes.c_int),
-    "int8_gemm_amx": ([_PTR, _INT64, _INT64, _PTR, _INT64, _PTR, _PTR, _PTR, ctypes.c_float, ctypes.c_int32, _PTR,
-                       ctypes.c_int, ctypes.c_int], ctypes.c_int),
+    "int8_gemm_amx": ([_PTR, _INT64, _INT64, _PTR, _INT64, _PTR, _PTR, _PTR, ctypes.c_float, ctypes.c_int32,
+                       ctypes.c_int, _PTR, ctypes.c_int, ctypes.c_int], ctypes.c_int),
     "int8_gemm_pack": ([_PTR, _INT64, _INT64, _PTR, _PTR], ctypes.c_int),
 }
 
@@ -77,10 +77,10 @@ def pack(quantized: torch.Tensor, scales: torch.Tensor) -> PackedInt8 | None:
 
 
 def multiply(activation: torch.Tensor, scale: float, zero_point: int, weight: PackedInt8,
-             bias: torch.Tensor | None, output_dtype: torch.dtype) -> torch.Tensor | None:
+             bias: torch.Tensor | None, output_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor | None:
     """``scale * weight.scales * ((activation - zero_point) @ W^T) + bias`` for a (rows, in) uint8 activation,
-    as (rows, out) ``output_dtype`` (float32 or bfloat16); None when the kernel does not take it (the caller
-    then runs oneDNN)."""
+    as (rows, out) ``output_dtype`` (float32 or bfloat16), with ``gelu`` the erf GELU of that (to ~1.5e-7, in
+    float32 before the output is rounded); None when the kernel does not take it (the caller then runs oneDNN)."""
     library = _library()
     rows = activation.shape[0]
     if (library is None or activation.dim() != 2 or not 1 <= rows <= MAX_ROWS
@@ -94,7 +94,7 @@ def multiply(activation: torch.Tensor, scale: float, zero_point: int, weight: Pa
     status = library.int8_gemm_amx(
         activation.data_ptr(), rows, weight.in_features, weight.tiles.data_ptr(), weight.out_features,
         weight.column_sums.data_ptr(), weight.scales.data_ptr(), None if bias is None else bias.data_ptr(),
-        scale, zero_point, out.data_ptr(), int(output_dtype == torch.bfloat16), torch.get_num_threads())
+        scale, zero_point, int(gelu), out.data_ptr(), int(output_dtype == torch.bfloat16), torch.get_num_threads())
     if status == -2:
         raise MemoryError("the AMX int8 GEMM could not allocate its scratch buffer")
     return out if status == 0 else None

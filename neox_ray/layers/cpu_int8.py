@@ -130,9 +130,11 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
     post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", "")) if activation else ("none", "")
     quantized, scale, zero_point = quantize_activation(x)
     if weight.tiles is not None and x.dim() == 2 and x.shape[0] <= cpu_int8_gemm.MAX_ROWS:
-        out = cpu_int8_gemm.multiply(quantized, scale, zero_point, weight.tiles, bias, output_dtype or x.dtype)
+        fused_gelu = activation == "gelu"  # the erf GELU, in the kernel's epilogue; others applied after it
+        out = cpu_int8_gemm.multiply(quantized, scale, zero_point, weight.tiles, bias, output_dtype or x.dtype,
+                                     gelu=fused_gelu)
         if out is not None:
-            return get_activation(activation)(out) if activation else out
+            return get_activation(activation)(out) if activation and not fused_gelu else out
     out = torch.ops.onednn.qlinear_pointwise(quantized, scale, zero_point, weight.packed, weight.scales,
                                              weight.zero_points, bias, 1.0, 0, output_dtype or x.dtype, post_op, [],
                                              algorithm)
