@@ -81,8 +81,6 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         if config.int8:
             check_int8_runs(self.device, self.dtype)
-        if config.kv_cache_dtype == "int8":
-            check_int8_device(str(self.device), "kv_cache_dtype int8")
         self.kv_cache_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.dtype
         self.attention_backend = resolve_backend(config.attention_backend, self.device, config.block_size)
         self.model = load_model(config.model, self.model_config, self.dtype, self.device,

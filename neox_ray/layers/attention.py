@@ -249,16 +249,10 @@ class Attention(nn.Module):
         rows = [meta.query_start_loc[i] for i in meta.decode_seqs]
         assert meta.decode_runs is not None
         for row, runs in zip(rows, meta.decode_runs, strict=True):
-            if len(runs) == 1:
-                start, length = runs[0]
-                k, v = keys[:, start:start + length], values[:, start:start + length]
-            else:
-                k = torch.cat([keys[:, start:start + length] for start, length in runs], dim=1)
-                v = torch.cat([values[:, start:start + length] for start, length in runs], dim=1)
+            k, v = _read_runs(keys, runs), _read_runs(values, runs)
             if key_scales is not None and value_scales is not None:
-                index = torch.cat([torch.arange(start, start + length) for start, length in runs])
-                k = dequantize_kv(k, key_scales[:, index], query.dtype)
-                v = dequantize_kv(v, value_scales[:, index], query.dtype)
+                k = dequantize_kv(k, _read_runs(key_scales, runs), query.dtype)
+                v = dequantize_kv(v, _read_runs(value_scales, runs), query.dtype)
             if self.backend == "eager":
                 outputs.append(self._attend(queries[row].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                             v.transpose(0, 1).unsqueeze(0), None, causal=False)[0].transpose(0, 1))
@@ -380,6 +374,14 @@ def _group_decodes(meta: AttentionMetadata, block_size: int, device: torch.devic
             block_tables=meta.block_tables[members, :blocks],
             mask=(positions.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]))
     return result
+
+
+def _read_runs(slots: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """A sequence's context out of a (heads, slots, ...) view of the cache: a view when it is one run of slots."""
+    if len(runs) == 1:
+        start, length = runs[0]
+        return slots[:, start:start + length]
+    return torch.cat([slots[:, start:start + length] for start, length in runs], dim=1)
 
 
 def _slot_runs(block_table: list[int], context_len: int, block_size: int) -> list[tuple[int, int]]:

@@ -134,7 +134,6 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
     """``activation(x W^T + b)`` in ``output_dtype`` (default ``x``'s dtype), W from :func:`pack_int8_weight`;
     ``activation`` is a ``hidden_act`` name, fused into the GEMM when oneDNN has it, else applied afterwards.
     The GEMM writes ``output_dtype`` itself (float32 logits from bfloat16 activations need no extra pass)."""
-    post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", "")) if activation else ("none", "")
     quantized, scale, zero_point = quantize_activation(x)
     if weight.tiles is not None and x.dim() == 2 and x.shape[0] <= cpu_int8_gemm.MAX_ROWS:
         fused_gelu = activation == "gelu"  # the erf GELU, in the kernel's epilogue; others applied after it
@@ -142,6 +141,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
                                      gelu=fused_gelu)
         if out is not None:
             return get_activation(activation)(out) if activation and not fused_gelu else out
+    post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", "")) if activation else ("none", "")
     out = torch.ops.onednn.qlinear_pointwise(quantized, scale, zero_point, weight.packed, weight.scales,
                                              weight.zero_points, bias, 1.0, 0, output_dtype or x.dtype, post_op, [],
                                              algorithm)
