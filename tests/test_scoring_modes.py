@@ -462,3 +462,18 @@ def test_generate_job_with_top_logprobs_end_to_end(ray_session, tiny_checkpoint:
         assert row["cumulative_logprob"] == pytest.approx(sample.cumulative_logprob, rel=1e-5)
         assert [[s["token_id"] for s in step] for step in row["top_logprobs"]] == \
             [[t for t, _ in sorted(e.items(), key=lambda item: -item[1])[:2]] for e in sample.logprobs]
+
+
+def test_logprob_rows_split_into_chunks_give_the_same_scores(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's logprob rows go through the LM head LOGPROB_CHUNK_ROWS at a time; chunk edges inside a sequence
+    and between sequences change nothing (scores, loglikelihoods and the is-greedy alternative)."""
+    from neox_ray.engine import model_runner
+
+    docs = [[(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate((29, 5, 17, 2))]
+    pairs = [([11, 12, 13], [14, 15, 16, 17]), ([20], [21])]
+    whole = llm.score(docs), llm.engine.loglikelihood(pairs)
+    monkeypatch.setattr(model_runner, "LOGPROB_CHUNK_ROWS", 3)
+    chunked = llm.score(docs), llm.engine.loglikelihood(pairs)
+    assert [r.nll for r in chunked[0]] == pytest.approx([r.nll for r in whole[0]], abs=1e-5)
+    assert [(r.logprob, r.is_greedy) for r in chunked[1]] == [(pytest.approx(r.logprob, abs=1e-5), r.is_greedy)
+                                                              for r in whole[1]]
