@@ -1,18 +1,25 @@
-/* int8 GEMM for decode-sized batches on CPUs with AMX: out = a_scale * w_scale[n] * (sum_k (a[m,k] - a_zero) *
- * w[n,k]) + bias[n], with a uint8 activation (one scale and zero point per tensor) and int8 weights (one scale
- * per output channel), written as float32 or bfloat16.
+/* int8 GEMM for decode-sized batches: out = a_scale * w_scale[n] * (sum_k (a[m,k] - a_zero) * w[n,k]) + bias[n],
+ * with a uint8 activation (one scale and zero point per tensor) and int8 weights (one scale per output channel),
+ * written as float32 or bfloat16. Two versions over one packed weight layout: AMX tiles where the CPU has them,
+ * AVX512-VNNI (VPDPBUSD) elsewhere (Zen 4, Ice Lake, Cascade Lake).
  *
  * Why: a decode step multiplies a few dozen rows by every weight once, so the GEMM is bound by streaming the
- * weights from memory. oneDNN's AMX matmul streams them at 15-22 GB/s for up to 16 rows but ~10 GB/s for 48
- * (measured on the 2-core Sapphire Rapids VM, benchmarks/README.md). Here every 16-column block of the weights
- * is read once, as 1 KiB AMX tiles, for all rows: up to four 16-row accumulator tiles take the same weight tile.
+ * weights, and it is called ~25 times a step. oneDNN's AMX matmul streams them at 15-22 GB/s for up to 16 rows but
+ * ~10 GB/s for 48 (measured on the 2-core Sapphire Rapids VM, benchmarks/README.md); its VNNI matmul on the 2-core
+ * Zen 4 box costs 42-53 us a call at one row and runs the 70m shapes' small layers at 143-276 GMAC/s for 48 rows
+ * (the VPDPBUSD peak there is 460). Here every 16-column block of the weights is read once for all rows.
  * Weights are packed once (int8_gemm_pack: for each block of 16 output channels, each 64-deep slice of the input
- * as the 16 x 64-byte tile TDPBUSD takes, four consecutive inputs of one channel per 4 bytes). Blocks of output
- * channels are shared over the OpenMP threads torch runs.
+ * as the 16 x 64-byte tile TDPBUSD takes, four consecutive inputs of one channel per 4 bytes; read in order, the
+ * same bytes are what VPDPBUSD takes for four inputs of 16 channels). Blocks of output channels are shared over
+ * the OpenMP threads torch runs.
  *
- * Built at first use by neox_ray/kernels/cpu_int8_gemm.py (gcc -O3 -march=native -fopenmp); without AMX at
- * compile time (or without the kernel's permission to use AMX state) every entry point returns an error and the
- * caller keeps oneDNN. That module owns the argument checks.
+ * AMX: up to four 16-row accumulator tiles take the same 1 KiB weight tile. VNNI: tiles of up to 8 rows x 3 blocks
+ * (24 accumulator registers); per four inputs, 3 weight loads and 8 activation broadcasts feed 24 VPDPBUSD, and a
+ * group of 3 blocks' weights (48 bytes per input) stays in L1/L2 while the row tiles go over it.
+ *
+ * Built at first use by neox_ray/kernels/cpu_int8_gemm.py (gcc -O3 -march=native -fopenmp); an entry point the
+ * build or the process cannot run (no AMX at compile time or no permission for AMX state; no AVX512-VNNI) returns
+ * an error and the caller keeps oneDNN. That module owns the argument checks.
  */
 #define _GNU_SOURCE /* syscall() */
 #include <stdint.h>
@@ -29,39 +36,8 @@
 #define PREFETCH_TILES 4 /* weight tiles (1 KiB each) requested ahead of the multiply */
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+#ifdef __AVX512F__
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-struct tile_config {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-};
-
-/* 1 when this process may use AMX tile data (Linux asks every process to request it once). */
-int int8_gemm_amx_ready(void) {
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-/* Tiles 0-3: accumulators (16 rows x 16 int32); 4: weights (16 x 64 int8); 5-7: activation rows (16 x 64 uint8)
- * of row tiles 0-2 (row tile 3 reuses 5), so the multiplies of one weight tile do not wait on each other's loads. */
-static void configure_tiles(void) {
-    struct tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = TILE_ROWS;
-        config.bytes_per_row[t] = TILE_BYTES;
-    }
-    _tile_loadconfig(&config);
-}
 
 /* gelu(x) = x / 2 * (1 + erf(x / sqrt 2)) (the erf form, torch's default), with erf from Abramowitz & Stegun
  * 7.1.26 (absolute error <= 1.5e-7): 1 - t (a1 + t (a2 + ...)) exp(-z^2), t = 1 / (1 + p z), z = |x| / sqrt 2. */
@@ -110,6 +86,41 @@ static inline void write_block(const int32_t* sums, int64_t rows, int64_t n, int
             _mm512_storeu_ps((float*)out + r * n + first_channel, value);
         }
     }
+}
+
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+struct tile_config {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* 1 when this process may use AMX tile data (Linux asks every process to request it once). */
+int int8_gemm_amx_ready(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* Tiles 0-3: accumulators (16 rows x 16 int32); 4: weights (16 x 64 int8); 5-7: activation rows (16 x 64 uint8)
+ * of row tiles 0-2 (row tile 3 reuses 5), so the multiplies of one weight tile do not wait on each other's loads. */
+static void configure_tiles(void) {
+    struct tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = TILE_ROWS;
+        config.bytes_per_row[t] = TILE_BYTES;
+    }
+    _tile_loadconfig(&config);
 }
 
 #define MULTIPLY_ROW_TILE(T, A)                                                                             \
@@ -179,6 +190,95 @@ int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, 
     return -1;
 }
 #endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define VNNI_ROWS 8
+#define VNNI_BLOCKS 3
+
+int int8_gemm_vnni_ready(void) { return 1; }
+
+/* rows (<= VNNI_ROWS) activation rows times blocks (<= VNNI_BLOCKS) consecutive 16-channel blocks, over all of k:
+ * sums[(c * VNNI_ROWS + r) * 16 + j] = sum_i a[r, i] * w[16 * c + j, i]. Constant rows and blocks after inlining. */
+static inline __attribute__((always_inline)) void vnni_tile(const uint8_t* a, int64_t k, const int8_t* weights,
+                                                            const int8_t* next, const int rows, const int blocks,
+                                                            int32_t* sums) {
+    __m512i acc[VNNI_ROWS][VNNI_BLOCKS];
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < blocks; ++c) acc[r][c] = _mm512_setzero_si512();
+    const int64_t block_bytes = 16 * k, steps = k / 4;
+    for (int64_t j = 0; j < steps; ++j) {
+        if (next) {  /* the next group's weights (VNNI_BLOCKS * 16 * k bytes), three lines a step, into L2 */
+            const char* line = (const char*)next + j * 3 * 64;
+            _mm_prefetch(line, _MM_HINT_T1);
+            _mm_prefetch(line + 64, _MM_HINT_T1);
+            _mm_prefetch(line + 128, _MM_HINT_T1);
+        }
+        __m512i w[VNNI_BLOCKS];
+        for (int c = 0; c < blocks; ++c) w[c] = _mm512_loadu_si512(weights + c * block_bytes + j * 64);
+        for (int r = 0; r < rows; ++r) {
+            int32_t four;
+            memcpy(&four, a + r * k + 4 * j, sizeof four);
+            const __m512i inputs = _mm512_set1_epi32(four);
+            for (int c = 0; c < blocks; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], inputs, w[c]);
+        }
+    }
+    for (int c = 0; c < blocks; ++c)
+        for (int r = 0; r < rows; ++r) _mm512_storeu_si512(sums + (c * VNNI_ROWS + r) * 16, acc[r][c]);
+}
+
+#define VNNI_TILE_CASE(R, C) case R: vnni_tile(a_rows, k, weights, next, R, C, sums); break;
+#define VNNI_TILE_SWITCH(C)                                                                                  \
+    switch (rows) {                                                                                          \
+    VNNI_TILE_CASE(1, C) VNNI_TILE_CASE(2, C) VNNI_TILE_CASE(3, C) VNNI_TILE_CASE(4, C)                      \
+    VNNI_TILE_CASE(5, C) VNNI_TILE_CASE(6, C) VNNI_TILE_CASE(7, C) VNNI_TILE_CASE(8, C)                      \
+    default: break;                                                                                          \
+    }
+
+/* The AMX kernel's contract (same packed weights, same epilogue), any m >= 1 (callers keep it to decode
+ * batches: oneDNN is faster for long prefills); -1 for k % 64 or n % 16. */
+int int8_gemm_vnni(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
+                   const int32_t* column_sums, const float* weight_scales, const float* bias,
+                   float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
+                   int num_threads) {
+    if (m < 1 || k % 64 || n % 16) return -1;
+    const int64_t blocks = n / 16, groups = (blocks + VNNI_BLOCKS - 1) / VNNI_BLOCKS;
+    const size_t element = out_bf16 ? 2 : 4;
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t group = 0; group < groups; ++group) {
+        int32_t sums[VNNI_BLOCKS * VNNI_ROWS * 16] __attribute__((aligned(64)));
+        const int64_t first_block = group * VNNI_BLOCKS;
+        const int group_blocks = (int)(blocks - first_block < VNNI_BLOCKS ? blocks - first_block : VNNI_BLOCKS);
+        const int8_t* weights = packed + first_block * 16 * k;
+        for (int64_t row0 = 0; row0 < m; row0 += VNNI_ROWS) {
+            const int rows = (int)(m - row0 < VNNI_ROWS ? m - row0 : VNNI_ROWS);
+            const uint8_t* a_rows = a + row0 * k;
+            /* while the first row tile runs, the next group's weights come in (weights are read from memory;
+             * the row tiles after the first find them in L1/L2) */
+            const int8_t* next = row0 == 0 && group + 1 < groups ? weights + VNNI_BLOCKS * 16 * k : NULL;
+            if (group_blocks == 3) { VNNI_TILE_SWITCH(3) }
+            else if (group_blocks == 2) { VNNI_TILE_SWITCH(2) }
+            else { VNNI_TILE_SWITCH(1) }
+            void* out_rows = (char*)out + (size_t)(row0 * n) * element;
+            for (int c = 0; c < group_blocks; ++c)
+                write_block(sums + c * VNNI_ROWS * 16, rows, n, (first_block + c) * 16, column_sums, weight_scales,
+                            bias, activation_scale, activation_zero, gelu, out_rows, out_bf16);
+        }
+    }
+    return 0;
+}
+#else
+int int8_gemm_vnni_ready(void) { return 0; }
+
+int int8_gemm_vnni(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
+                   const int32_t* column_sums, const float* weight_scales, const float* bias,
+                   float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
+                   int num_threads) {
+    (void)a; (void)gelu; (void)m; (void)k; (void)packed; (void)n; (void)column_sums; (void)weight_scales; (void)bias;
+    (void)activation_scale; (void)activation_zero; (void)out; (void)out_bf16; (void)num_threads;
+    return -1;
+}
+#endif
+
 
 /* weight: (n, k) int8, row per output channel -> packed (n / 16 blocks, k / 64 slices, 16 rows, 64 bytes): row r
  * of a slice holds inputs 4r..4r+3 of each of the block's 16 channels (the layout TDPBUSD's second tile takes).

@@ -1,14 +1,17 @@
-"""Builds, loads and calls the AMX int8 GEMM for decode-sized batches (``cpu_int8_gemm.c``).
+"""Builds, loads and calls the int8 GEMM for decode-sized batches (``cpu_int8_gemm.c``): AMX tiles where the CPU
+has them, AVX512-VNNI elsewhere, one packed weight layout for both.
 
 Why a kernel: a decode step's int8 linears multiply a few dozen rows by weights that come from memory, so
-they are bound by how fast the weights stream. oneDNN's AMX matmul reads them at 15-22 GB/s for up to 16 rows
-but ~10 GB/s for 48, and pays ~45 us a call even for one row; this kernel reads each 1 KiB weight tile once for
-up to 64 rows (see the C file).
+they are bound by how fast the weights stream, and there are ~25 of them a step. oneDNN's AMX matmul reads the
+weights at 15-22 GB/s for up to 16 rows but ~10 GB/s for 48, and pays ~45 us a call even for one row; its VNNI
+matmul (Zen 4) pays 42-53 us a call at one row and runs small layers well below the VPDPBUSD peak at 48 rows.
+The kernel reads each 16-channel block of weights once for all rows (see the C file).
 
-It is used only where it applies: the CPU has AMX (int8) and the build saw it, Linux granted the process AMX
-state, at most :data:`MAX_ROWS` rows, input features a multiple of 64 and output features of 16. Everywhere
-else :func:`available` is False or :func:`multiply` returns None and the caller (:mod:`neox_ray.layers.cpu_int8`)
-runs oneDNN. Built at first use by :mod:`neox_ray.kernels.build` (``NEOX_RAY_CPU_KERNELS=0`` switches it off).
+It is used only where it applies: the CPU has AMX (int8) or AVX512-VNNI and the build saw it (for AMX, Linux
+also granted the process AMX state), at most :data:`MAX_ROWS` rows, input features a multiple of 64 and output
+features of 16. Everywhere else :func:`available` is False or :func:`multiply` returns None and the caller
+(:mod:`neox_ray.layers.cpu_int8`) runs oneDNN. Built at first use by :mod:`neox_ray.kernels.build`
+(``NEOX_RAY_CPU_KERNELS=0`` switches it off).
 """
 
 from __future__ import annotations
@@ -29,21 +32,32 @@ _SIGNATURES = {
     "int8_gemm_amx_ready": ([], ctypes.c_int),
     "int8_gemm_amx": ([_PTR, _INT64, _INT64, _PTR, _INT64, _PTR, _PTR, _PTR, ctypes.c_float, ctypes.c_int32,
                        ctypes.c_int, _PTR, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+    "int8_gemm_vnni_ready": ([], ctypes.c_int),
+    "int8_gemm_vnni": ([_PTR, _INT64, _INT64, _PTR, _INT64, _PTR, _PTR, _PTR, ctypes.c_float, ctypes.c_int32,
+                        ctypes.c_int, _PTR, ctypes.c_int, ctypes.c_int], ctypes.c_int),
     "int8_gemm_pack": ([_PTR, _INT64, _INT64, _PTR, _PTR], ctypes.c_int),
 }
+BACKENDS = ("amx", "vnni")
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE, "AMX int8 GEMM kernel", "oneDNN's int8 matmul for every batch size", _SIGNATURES)
-    if library is None or not library.int8_gemm_amx_ready():
-        return None
-    return library
+    return load_library(SOURCE, "int8 GEMM kernel", "oneDNN's int8 matmul for every batch size", _SIGNATURES)
 
 
-def available() -> bool:
-    """Whether this CPU, build and process run the AMX kernel."""
-    return _library() is not None
+@functools.cache
+def backends() -> tuple[str, ...]:
+    """The versions this CPU, build and process run, fastest first (AMX, then VNNI)."""
+    library = _library()
+    if library is None:
+        return ()
+    ready = {"amx": library.int8_gemm_amx_ready(), "vnni": library.int8_gemm_vnni_ready()}
+    return tuple(name for name in BACKENDS if ready[name])
+
+
+def available(backend: str | None = None) -> bool:
+    """Whether this CPU, build and process run the kernel (``backend``: that version of it)."""
+    return bool(backends()) if backend is None else backend in backends()
 
 
 def applies(in_features: int, out_features: int) -> bool:
@@ -65,7 +79,7 @@ def pack(quantized: torch.Tensor, scales: torch.Tensor) -> PackedInt8 | None:
     available or does not take this shape."""
     library = _library()
     out_features, in_features = quantized.shape
-    if library is None or not applies(in_features, out_features):
+    if library is None or not backends() or not applies(in_features, out_features):
         return None
     quantized = quantized.contiguous()
     tiles = torch.empty(out_features * in_features, dtype=torch.int8)
@@ -77,13 +91,17 @@ def pack(quantized: torch.Tensor, scales: torch.Tensor) -> PackedInt8 | None:
 
 
 def multiply(activation: torch.Tensor, scale: float, zero_point: int, weight: PackedInt8,
-             bias: torch.Tensor | None, output_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor | None:
+             bias: torch.Tensor | None, output_dtype: torch.dtype, gelu: bool = False,
+             backend: str | None = None) -> torch.Tensor | None:
     """``scale * weight.scales * ((activation - zero_point) @ W^T) + bias`` for a (rows, in) uint8 activation,
     as (rows, out) ``output_dtype`` (float32 or bfloat16), with ``gelu`` the erf GELU of that (to ~1.5e-7, in
-    float32 before the output is rounded); None when the kernel does not take it (the caller then runs oneDNN)."""
+    float32 before the output is rounded); None when the kernel does not take it (the caller then runs oneDNN).
+    ``backend``: "amx" or "vnni" (default: the fastest this CPU runs); None when that one does not run here."""
     library = _library()
+    offered = backends()
+    backend = backend or (offered[0] if offered else None)
     rows = activation.shape[0]
-    if (library is None or activation.dim() != 2 or not 1 <= rows <= MAX_ROWS
+    if (library is None or backend not in offered or activation.dim() != 2 or not 1 <= rows <= MAX_ROWS
             or activation.dtype != torch.uint8 or activation.shape[1] != weight.in_features
             or output_dtype not in (torch.float32, torch.bfloat16)):
         return None
@@ -91,10 +109,11 @@ def multiply(activation: torch.Tensor, scale: float, zero_point: int, weight: Pa
     if bias is not None:
         bias = bias.float().contiguous()
     out = torch.empty(rows, weight.out_features, dtype=output_dtype)
-    status = library.int8_gemm_amx(
+    entry = library.int8_gemm_amx if backend == "amx" else library.int8_gemm_vnni
+    status = entry(
         activation.data_ptr(), rows, weight.in_features, weight.tiles.data_ptr(), weight.out_features,
         weight.column_sums.data_ptr(), weight.scales.data_ptr(), None if bias is None else bias.data_ptr(),
         scale, zero_point, int(gelu), out.data_ptr(), int(output_dtype == torch.bfloat16), torch.get_num_threads())
     if status == -2:
-        raise MemoryError("the AMX int8 GEMM could not allocate its scratch buffer")
+        raise MemoryError("the int8 GEMM could not allocate its scratch buffer")
     return out if status == 0 else None

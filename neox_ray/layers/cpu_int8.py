@@ -48,12 +48,14 @@ Activations are quantized by a small C kernel (:mod:`neox_ray.kernels.cpu_quanti
 bf16 directly): 409 us for 2048 x 768 vs 730 us for torch's fused ``quantize_per_tensor_dynamic`` (which
 also needs a widened copy of a bf16 input), the fallback when no compiler is present.
 
-Decode batches (at most 64 rows) on a CPU with AMX go to our own kernel instead
-(:mod:`neox_ray.kernels.cpu_int8_gemm`, same quantized values, the erf GELU fused): oneDNN streamed the weights
-at ~10 GB/s for 48 rows and cost ~45 us a call even for one; the kernel reads each weight tile once for all
-rows (70m int8-bf16 decode pass 1.07 -> 0.80-0.89 s, 160m 2.72 -> 2.3-2.4 s on the 2-core AMX VM). It keeps
-its own copy of the weights in its tile layout beside oneDNN's (prefill stays on oneDNN, which was 1.3-1.9x
-faster there than the kernel over 64-row chunks), so int8 weights take twice their bytes on such CPUs.
+Decode batches (at most 64 rows) on a CPU with AMX or AVX512-VNNI go to our own kernel instead
+(:mod:`neox_ray.kernels.cpu_int8_gemm`, same quantized values, the erf GELU fused): on AMX oneDNN streamed the
+weights at ~10 GB/s for 48 rows and cost ~45 us a call even for one (70m int8-bf16 decode pass 1.07 -> 0.80-0.89 s,
+160m 2.72 -> 2.3-2.4 s on the 2-core AMX VM); on the 2-core Zen 4 box (VNNI) oneDNN cost 25-33 us a call at one
+row and read cold weights at 14-21 GB/s, the kernel 28-33 GB/s, and 48 rows of the LM head ran 4.2 -> 3.2 ms
+(70m int8-bf16 pass 1.50-1.61 -> 1.24-1.50 s, 160m 3.85-4.47 -> 3.51-3.73 s, same tokens). It keeps its own copy
+of the weights in its tile layout beside oneDNN's (prefill stays on oneDNN, which was 1.3-1.9x faster there than
+the AMX kernel over 64-row chunks), so int8 weights take twice their bytes on such CPUs.
 
 This module only quantizes, packs and multiplies. The layers (:mod:`neox_ray.layers.linear`) use an int8 weight
 when they have one; the model runner decides to quantize (``quantization="int8"``, CPU, and
@@ -84,11 +86,11 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """A weight quantized per output channel and packed for oneDNN (and, on AMX CPUs, for the decode kernel)."""
+    """A weight quantized per output channel and packed for oneDNN (and, on AMX or VNNI CPUs, for the decode kernel)."""
     packed: torch.Tensor         # opaque oneDNN int8 tensor, (in_features, out_features) blocked
     scales: torch.Tensor         # (out_features,) float32: weight = int8 value * scale
     zero_points: torch.Tensor    # (out_features,) int64 zeros (symmetric); the op wants them as a tensor
-    tiles: cpu_int8_gemm.PackedInt8 | None = None  # the same int8 values for the AMX kernel (decode batches)
+    tiles: cpu_int8_gemm.PackedInt8 | None = None  # the same int8 values for our kernel (decode batches)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

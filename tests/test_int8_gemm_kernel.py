@@ -1,6 +1,7 @@
-"""The AMX int8 GEMM for decode-sized batches (``kernels/cpu_int8_gemm.c``) against the exact int8 product and
-against oneDNN's int8 matmul, its weight layout, and where it steps aside. Skipped on CPUs without AMX (the CI
-machine): there every int8 linear runs on oneDNN, which ``tests/test_int8.py`` covers."""
+"""The int8 GEMM for decode-sized batches (``kernels/cpu_int8_gemm.c``), each version this CPU runs (AMX tiles,
+AVX512-VNNI), against the exact int8 product and against oneDNN's int8 matmul, its weight layout, and where it
+steps aside. A version the CPU lacks is skipped (the Zen 4 CI machine runs the VNNI one); without either every
+int8 linear runs on oneDNN, which ``tests/test_int8.py`` covers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 from neox_ray.kernels import cpu_int8_gemm
 from neox_ray.layers import cpu_int8
 
-needs_amx = pytest.mark.skipif(not cpu_int8_gemm.available(), reason="no AMX int8 here (or no C compiler)")
+needs_kernel = pytest.mark.skipif(not cpu_int8_gemm.available(), reason="no AMX or AVX512-VNNI here (or no C compiler)")
+
+
+def backend_param(name: str):
+    return pytest.param(name, marks=pytest.mark.skipif(not cpu_int8_gemm.available(name), reason=f"no {name} here"))
+
+
+BACKENDS = [backend_param(name) for name in cpu_int8_gemm.BACKENDS]
 
 
 def problem(rows: int, in_features: int, out_features: int, seed: int = 0):
@@ -31,44 +39,49 @@ def exact(quantized_x: torch.Tensor, scale: float, zero_point: int, quantized_w:
     return out + bias.double() if bias is not None else out
 
 
-@needs_amx
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 48, 64])
-@pytest.mark.parametrize("in_features,out_features", [(64, 16), (768, 48), (512, 2048)])
+@pytest.mark.parametrize("in_features,out_features", [(64, 16), (128, 32), (768, 48), (512, 2048)])
 @pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_kernel_equals_the_exact_int8_product(rows: int, in_features: int, out_features: int,
+def test_kernel_equals_the_exact_int8_product(backend: str, rows: int, in_features: int, out_features: int,
                                               output_dtype: torch.dtype, with_bias: bool) -> None:
+    """Row counts that fill and leave partial row tiles (AMX: 16 rows; VNNI: 8), output blocks of 1, 2 and 3
+    16-channel blocks (VNNI's column groups) and 2048 channels (42 groups of 3 and one of 2)."""
     weight, x, bias = problem(rows, in_features, out_features, seed=rows)
     quantized_w, w_scales = cpu_int8.quantize_weight(weight)
     packed = cpu_int8_gemm.pack(quantized_w, w_scales)
     assert packed is not None
     quantized_x, scale, zero_point = cpu_int8.quantize_activation(x)
-    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias if with_bias else None, output_dtype)
+    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias if with_bias else None, output_dtype,
+                                 backend=backend)
     assert got is not None and got.dtype == output_dtype and got.shape == (rows, out_features)
     want = exact(quantized_x, scale, zero_point, quantized_w, w_scales, bias if with_bias else None)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if output_dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
     torch.testing.assert_close(got.double(), want, **tolerance)
 
 
-@needs_amx
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16])
-def test_fused_gelu_equals_the_erf_gelu_of_the_exact_product(output_dtype: torch.dtype) -> None:
+def test_fused_gelu_equals_the_erf_gelu_of_the_exact_product(backend: str, output_dtype: torch.dtype) -> None:
     weight, x, bias = problem(48, 512, 2048, seed=7)
     x = x * 3  # pre-activations well into both tails of the GELU
     quantized_w, w_scales = cpu_int8.quantize_weight(weight)
     packed = cpu_int8_gemm.pack(quantized_w, w_scales)
     assert packed is not None
     quantized_x, scale, zero_point = cpu_int8.quantize_activation(x)
-    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias, output_dtype, gelu=True)
+    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias, output_dtype, gelu=True,
+                                 backend=backend)
     assert got is not None
     want = torch.nn.functional.gelu(exact(quantized_x, scale, zero_point, quantized_w, w_scales, bias))
     tolerance = {"atol": 2e-6, "rtol": 1e-5} if output_dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
     torch.testing.assert_close(got.double(), want, **tolerance)
 
 
-@needs_amx
+@needs_kernel
 def test_packed_tiles_hold_every_weight_where_tdpbusd_reads_it() -> None:
-    """Tile (block, slice), row r, bytes 4c..4c+3 = inputs 64*slice + 4r .. +3 of channel 16*block + c."""
+    """Tile (block, slice), row r, bytes 4c..4c+3 = inputs 64*slice + 4r .. +3 of channel 16*block + c (read in
+    order, 64 bytes at a time, the same bytes are VPDPBUSD's four inputs of 16 channels)."""
     out_features, in_features = 32, 128
     quantized = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
     packed = cpu_int8_gemm.pack(quantized, torch.ones(out_features))
@@ -79,10 +92,10 @@ def test_packed_tiles_hold_every_weight_where_tdpbusd_reads_it() -> None:
     assert torch.equal(packed.column_sums, quantized.int().sum(dim=1, dtype=torch.int32))
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_int8_linear_takes_the_kernel_for_decode_batches_and_onednn_beyond(activation: str | None) -> None:
-    """Up to 64 rows int8_linear runs the AMX kernel, above it oneDNN; both give the same outputs (to float
+    """Up to 64 rows int8_linear runs the kernel, above it oneDNN; both give the same outputs (to float
     rounding) and the activation is applied either way."""
     weight, x, bias = problem(80, 512, 2048)
     packed = cpu_int8.pack_int8_weight(weight)
@@ -104,9 +117,13 @@ def test_the_kernel_steps_aside_for_shapes_it_does_not_take() -> None:
         assert packed is not None
         too_many = torch.zeros(cpu_int8_gemm.MAX_ROWS + 1, 64, dtype=torch.uint8)
         assert cpu_int8_gemm.multiply(too_many, 1.0, 0, packed, None, torch.float32) is None
+        missing = [name for name in cpu_int8_gemm.BACKENDS if not cpu_int8_gemm.available(name)]
+        rows = torch.zeros(4, 64, dtype=torch.uint8)
+        for name in missing:  # a version this CPU lacks is refused, not run
+            assert cpu_int8_gemm.multiply(rows, 1.0, 0, packed, None, torch.float32, backend=name) is None
 
 
-@needs_amx
+@needs_kernel
 def test_int8_engine_decodes_through_the_kernel_like_through_onednn(tiny_checkpoint: Path, monkeypatch) -> None:
     from neox_ray import LLM, SamplingParams
 
