@@ -13,7 +13,16 @@ nothing else: not on the rest of the batch, its row in it, preemption, or the ru
 (and the per-sample seeds derived from it) works. Rows without a seed draw ``u`` from the sampler's
 generator, one small tensor per step.
 
-Top-p without sorting the vocabulary: the likeliest ``TOP_P_PREFILTER`` tokens are taken with ``topk``;
+Top-p is a rejection test, not a cut searched for first: a row with ``top_p < 1`` draws from the top-k /
+min-p distribution and keeps the token if the tokens likelier than it hold less than ``top_p`` of the top-k
+mass (exactly when the top-p filter keeps it), else draws again with the next of its uniforms (``u``, then
+:func:`derived_uniforms` of it); an accepted draw follows the filtered distribution exactly and takes
+1 / (kept share) draws on average (~1.05 at top-p 0.95). After ``TOP_P_DRAWS`` rejections the row finds the
+exact cut and draws once among the tokens it keeps. The C kernel's test is one pass over the row; finding the
+cut was three (a histogram of every token among them), the costliest part of sampling a flat row.
+
+The torch path tests a draw against the exact top-p filter, found without sorting the vocabulary: the
+likeliest ``TOP_P_PREFILTER`` tokens are taken with ``topk``;
 a row whose ``top_k`` fits in them, or whose top-p mass is reached inside them, needs nothing else (the
 usual case for a trained model). A flatter row finds its cut with a histogram of its probabilities over
 their float bit patterns (one ``scatter_add``) and sorts only the tokens of the bucket where the mass
@@ -32,6 +41,7 @@ penalties, temperature and filters), as vLLM returns by default.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -41,6 +51,7 @@ from neox_ray.kernels import cpu_sampling
 
 GREEDY_TEMPERATURE = 1e-5
 TOP_P_PREFILTER = 256  # likeliest tokens taken with topk before top-p falls back to the histogram
+TOP_P_DRAWS = 4  # top-p rejections before the exact cut (the C kernel's TOP_P_DRAWS)
 _MASK64 = (1 << 64) - 1
 
 
@@ -74,6 +85,14 @@ def row_uniforms(seeds: Sequence[int], positions: Sequence[int]) -> list[float]:
     ``positions`` with; one numpy pass for a step's seeded rows."""
     keys = _generator_keys(seeds, positions)
     return (((keys >> np.uint64(10)).astype(np.float64) + 0.5) * 2.0 ** -53).tolist()
+
+
+def derived_uniforms(first: Sequence[float], attempts: int) -> np.ndarray:
+    """(rows, attempts) float64: each row's uniforms for draws 1..attempts after its first ``u`` (splitmix64 of
+    u's bits plus the attempt times the golden ratio, 53 bits in (0, 1)); the C kernel computes the same."""
+    bits = np.asarray(first, dtype=np.float64).view(np.uint64)
+    keys = bits[:, None] + np.arange(1, attempts + 1, dtype=np.uint64)[None, :] * np.uint64(_GOLDEN64)
+    return ((_mix64(keys) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
 
 
 def row_uniform(seed: int, position: int) -> float:
@@ -203,7 +222,27 @@ class Sampler:
                                        torch.tensor([r.top_k if 0 < r.top_k < vocab else 0 for r in rows]),
                                        torch.tensor([r.top_p for r in rows]), torch.tensor([r.min_p for r in rows]),
                                        uniforms.squeeze(1))
+        return _draw(logits, rows, uniforms)
+
+
+def _draw(logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+    """The torch path's draws, the C kernel's rule: rows with top-p propose up to ``TOP_P_DRAWS`` tokens from
+    their top-k / min-p distribution and take the first the top-p filter keeps, else one draw from the exact
+    filtered distribution with the next uniform. (rows,) long."""
+    if all(r.top_p >= 1.0 for r in rows):
         return _inverse_cdf(filtered_probs(logits, rows), uniforms)
+    extra = torch.from_numpy(derived_uniforms(uniforms.squeeze(1).tolist(), TOP_P_DRAWS)).to(uniforms.device)
+    kept = filtered_probs(logits, rows)
+    proposals = _inverse_cdf(filtered_probs(logits, [replace(r, top_p=1.0) for r in rows]),
+                             torch.cat([uniforms, extra[:, :TOP_P_DRAWS - 1]], dim=1))  # (rows, TOP_P_DRAWS)
+    accepted = kept.gather(1, proposals) > 0
+    accepted[:, 0] |= torch.tensor([r.top_p >= 1.0 for r in rows], device=logits.device)
+    tokens = proposals.gather(1, accepted.int().argmax(dim=1, keepdim=True)).squeeze(1)
+    rejected = ~accepted.any(dim=1)
+    if bool(rejected.any()):
+        index = rejected.nonzero().squeeze(1)
+        tokens[index] = _inverse_cdf(kept[index], extra[index, TOP_P_DRAWS - 1:])
+    return tokens
 
 
 def _use_kernel(logits: torch.Tensor) -> bool:
@@ -321,7 +360,8 @@ _BLOCK = 128  # tokens per block of the two-level inverse CDF
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The token where the cumulative probability (vocabulary order) first exceeds ``u`` times the row's
-    mass: (rows, vocab) probabilities (0 = dropped), (rows, 1) float64 uniforms -> (rows,) long.
+    mass: (rows, vocab) probabilities (0 = dropped), (rows, draws) float64 uniforms -> (rows,) long for one
+    draw a row, else (rows, draws).
 
     Two levels, so that only one block of each row is summed in float64: float32 block sums (rounding
     moves boundaries by ~1e-10 of mass), their float64 cumulative sum, then the chosen block's tokens."""
@@ -337,11 +377,14 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # last kept token of a block the target is past).
     block = torch.minimum(block, (block_mass > 0).int().cumsum(dim=-1).argmax(dim=-1, keepdim=True))
     before = torch.where(block > 0, block_cumulative.gather(1, (block - 1).clamp(min=0)), 0.0)
-    inside = blocks.gather(1, block.unsqueeze(2).expand(rows, 1, _BLOCK)).squeeze(1)  # (rows, block)
-    position = torch.searchsorted(before + inside.double().cumsum(dim=-1), targets, right=True)
+    draws = uniforms.shape[1]
+    inside = blocks.gather(1, block.unsqueeze(2).expand(rows, draws, _BLOCK))  # (rows, draws, block)
+    position = torch.searchsorted(before.unsqueeze(2) + inside.double().cumsum(dim=-1), targets.unsqueeze(2),
+                                  right=True)
     last_kept = (inside > 0).int().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
-    position = torch.minimum(position, last_kept)
-    return (block * _BLOCK + position).squeeze(1)
+    position = torch.minimum(position, last_kept).squeeze(2)
+    tokens = block * _BLOCK + position
+    return tokens.squeeze(1) if draws == 1 else tokens
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
