@@ -94,18 +94,44 @@ def test_packed_tiles_hold_every_weight_where_tdpbusd_reads_it() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_int8_linear_takes_the_kernel_for_decode_batches_and_onednn_beyond(activation: str | None) -> None:
-    """Up to 64 rows int8_linear runs the kernel, above it oneDNN; both give the same outputs (to float
+def test_int8_linear_takes_the_kernel_like_onednn(activation: str | None, monkeypatch) -> None:
+    """int8_linear runs the kernel for decode batches (AMX: up to 64 rows, oneDNN beyond; VNNI: every batch, and
+    the layer keeps no oneDNN copy of its weights); a oneDNN-only weight gives the same outputs (to float
     rounding) and the activation is applied either way."""
-    weight, x, bias = problem(80, 512, 2048)
+    weight, x, bias = problem(300, 512, 2048)
     packed = cpu_int8.pack_int8_weight(weight)
     assert packed.tiles is not None
-    both = cpu_int8.int8_linear(x, packed, bias, activation)  # 80 rows: oneDNN
-    decode = cpu_int8.int8_linear(x[:48], packed, bias, activation)  # the kernel (its own activation scale)
-    without = cpu_int8.Int8Weight(packed.packed, packed.scales, packed.zero_points)  # no tiles: oneDNN
-    reference = cpu_int8.int8_linear(x[:48], without, bias, activation)
-    torch.testing.assert_close(decode, reference, atol=1e-4, rtol=1e-4)
-    assert cpu_int8.relative_error(decode, both[:48]) < 0.05  # a different activation scale, same function
+    assert (packed.packed is None) == cpu_int8_gemm.takes_every_batch()
+    onednn = cpu_int8.pack_int8_weight(weight, kernel=False)
+    assert onednn.tiles is None and onednn.packed is not None
+    calls = []
+    multiply = cpu_int8_gemm.multiply
+    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args, **kwargs: calls.append(args[0].shape[0])
+                        or multiply(*args, **kwargs))
+    for rows in (1, 48, 300):
+        got = cpu_int8.int8_linear(x[:rows], packed, bias, activation)
+        want = cpu_int8.int8_linear(x[:rows], onednn, bias, activation)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert calls == ([1, 48, 300] if cpu_int8_gemm.takes_every_batch() else [1, 48])
+    three_d = cpu_int8.int8_linear(x[:48].view(6, 8, 512), packed, bias, activation)
+    torch.testing.assert_close(three_d.view(48, 2048), cpu_int8.int8_linear(x[:48], packed, bias, activation))
+
+
+@pytest.mark.parametrize("backend", [backend_param("vnni")])
+@pytest.mark.parametrize("rows", [65, 256, 300, 513])
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16])
+def test_vnni_takes_prefill_batches_exactly(backend: str, rows: int, output_dtype: torch.dtype) -> None:
+    """Past 64 rows (prefill) and across its 256-row chunks the VNNI version is still the exact int8 product."""
+    weight, x, bias = problem(rows, 768, 2304, seed=rows)
+    quantized_w, w_scales = cpu_int8.quantize_weight(weight)
+    packed = cpu_int8_gemm.pack(quantized_w, w_scales)
+    assert packed is not None
+    quantized_x, scale, zero_point = cpu_int8.quantize_activation(x)
+    got = cpu_int8_gemm.multiply(quantized_x, scale, zero_point, packed, bias, output_dtype, backend=backend)
+    assert got is not None
+    want = exact(quantized_x, scale, zero_point, quantized_w, w_scales, bias)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if output_dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    torch.testing.assert_close(got.double(), want, **tolerance)
 
 
 def test_the_kernel_steps_aside_for_shapes_it_does_not_take() -> None:
@@ -116,7 +142,9 @@ def test_the_kernel_steps_aside_for_shapes_it_does_not_take() -> None:
         packed = cpu_int8_gemm.pack(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16))
         assert packed is not None
         too_many = torch.zeros(cpu_int8_gemm.MAX_ROWS + 1, 64, dtype=torch.uint8)
-        assert cpu_int8_gemm.multiply(too_many, 1.0, 0, packed, None, torch.float32) is None
+        if cpu_int8_gemm.available("amx"):  # AMX stops at 64 rows; VNNI takes any number
+            assert cpu_int8_gemm.multiply(too_many, 1.0, 0, packed, None, torch.float32, backend="amx") is None
+        assert cpu_int8_gemm.multiply(too_many[:, :32], 1.0, 0, packed, None, torch.float32) is None  # in != 64
         missing = [name for name in cpu_int8_gemm.BACKENDS if not cpu_int8_gemm.available(name)]
         rows = torch.zeros(4, 64, dtype=torch.uint8)
         for name in missing:  # a version this CPU lacks is refused, not run
@@ -137,8 +165,11 @@ def test_int8_engine_decodes_through_the_kernel_like_through_onednn(tiny_checkpo
                         lambda *args, **kwargs: calls.append(1) or multiply(*args, **kwargs))
     ours = llm.generate(prompts, params)
     assert calls  # decode steps went through the kernel
-    monkeypatch.setattr(cpu_int8_gemm, "multiply", lambda *args, **kwargs: None)  # every linear on oneDNN
-    theirs = LLM(str(tiny_checkpoint), quantization="int8", max_num_seqs=8).generate(prompts, params)
+    monkeypatch.setattr(cpu_int8_gemm, "pack", lambda *args, **kwargs: None)  # every linear on oneDNN
+    monkeypatch.setattr(cpu_int8_gemm, "multiply", multiply)
+    onednn = LLM(str(tiny_checkpoint), quantization="int8", max_num_seqs=8)
+    assert onednn.engine.executor.runner.model.embed_out.int8_weight.tiles is None
+    theirs = onednn.generate(prompts, params)
     for a, b in zip(ours, theirs, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         diffs = [abs(x[t] - y[t]) for x, y, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs,

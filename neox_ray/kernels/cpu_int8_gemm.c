@@ -194,6 +194,7 @@ int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 #define VNNI_ROWS 8
 #define VNNI_BLOCKS 3
+#define VNNI_CHUNK_ROWS 256
 
 int int8_gemm_vnni_ready(void) { return 1; }
 
@@ -234,8 +235,9 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t* a, in
     default: break;                                                                                          \
     }
 
-/* The AMX kernel's contract (same packed weights, same epilogue), any m >= 1 (callers keep it to decode
- * batches: oneDNN is faster for long prefills); -1 for k % 64 or n % 16. */
+/* The AMX kernel's contract (same packed weights, same epilogue), any m >= 1: rows go in chunks of
+ * VNNI_CHUNK_ROWS (their activations stay in L2 while every block group passes over them); -1 for k % 64 or
+ * n % 16. */
 int int8_gemm_vnni(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
                    const int32_t* column_sums, const float* weight_scales, const float* bias,
                    float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
@@ -243,25 +245,29 @@ int int8_gemm_vnni(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed,
     if (m < 1 || k % 64 || n % 16) return -1;
     const int64_t blocks = n / 16, groups = (blocks + VNNI_BLOCKS - 1) / VNNI_BLOCKS;
     const size_t element = out_bf16 ? 2 : 4;
-    #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t group = 0; group < groups; ++group) {
-        int32_t sums[VNNI_BLOCKS * VNNI_ROWS * 16] __attribute__((aligned(64)));
-        const int64_t first_block = group * VNNI_BLOCKS;
-        const int group_blocks = (int)(blocks - first_block < VNNI_BLOCKS ? blocks - first_block : VNNI_BLOCKS);
-        const int8_t* weights = packed + first_block * 16 * k;
-        for (int64_t row0 = 0; row0 < m; row0 += VNNI_ROWS) {
-            const int rows = (int)(m - row0 < VNNI_ROWS ? m - row0 : VNNI_ROWS);
-            const uint8_t* a_rows = a + row0 * k;
-            /* while the first row tile runs, the next group's weights come in (weights are read from memory;
-             * the row tiles after the first find them in L1/L2) */
-            const int8_t* next = row0 == 0 && group + 1 < groups ? weights + VNNI_BLOCKS * 16 * k : NULL;
-            if (group_blocks == 3) { VNNI_TILE_SWITCH(3) }
-            else if (group_blocks == 2) { VNNI_TILE_SWITCH(2) }
-            else { VNNI_TILE_SWITCH(1) }
-            void* out_rows = (char*)out + (size_t)(row0 * n) * element;
-            for (int c = 0; c < group_blocks; ++c)
-                write_block(sums + c * VNNI_ROWS * 16, rows, n, (first_block + c) * 16, column_sums, weight_scales,
-                            bias, activation_scale, activation_zero, gelu, out_rows, out_bf16);
+    #pragma omp parallel num_threads(num_threads)
+    for (int64_t chunk = 0; chunk < m; chunk += VNNI_CHUNK_ROWS) {
+        const int64_t chunk_end = chunk + VNNI_CHUNK_ROWS < m ? chunk + VNNI_CHUNK_ROWS : m;
+        #pragma omp for schedule(static)
+        for (int64_t group = 0; group < groups; ++group) {
+            int32_t sums[VNNI_BLOCKS * VNNI_ROWS * 16] __attribute__((aligned(64)));
+            const int64_t first_block = group * VNNI_BLOCKS;
+            const int group_blocks = (int)(blocks - first_block < VNNI_BLOCKS ? blocks - first_block : VNNI_BLOCKS);
+            const int8_t* weights = packed + first_block * 16 * k;
+            for (int64_t row0 = chunk; row0 < chunk_end; row0 += VNNI_ROWS) {
+                const int rows = (int)(chunk_end - row0 < VNNI_ROWS ? chunk_end - row0 : VNNI_ROWS);
+                const uint8_t* a_rows = a + row0 * k;
+                /* while the first row tile runs, the next group's weights come in (weights are read from
+                 * memory; the row tiles after the first find them in L1/L2) */
+                const int8_t* next = row0 == chunk && group + 1 < groups ? weights + VNNI_BLOCKS * 16 * k : NULL;
+                if (group_blocks == 3) { VNNI_TILE_SWITCH(3) }
+                else if (group_blocks == 2) { VNNI_TILE_SWITCH(2) }
+                else { VNNI_TILE_SWITCH(1) }
+                void* out_rows = (char*)out + (size_t)(row0 * n) * element;
+                for (int c = 0; c < group_blocks; ++c)
+                    write_block(sums + c * VNNI_ROWS * 16, rows, n, (first_block + c) * 16, column_sums,
+                                weight_scales, bias, activation_scale, activation_zero, gelu, out_rows, out_bf16);
+            }
         }
     }
     return 0;

@@ -53,9 +53,10 @@ Decode batches (at most 64 rows) on a CPU with AMX or AVX512-VNNI go to our own 
 weights at ~10 GB/s for 48 rows and cost ~45 us a call even for one (70m int8-bf16 decode pass 1.07 -> 0.80-0.89 s,
 160m 2.72 -> 2.3-2.4 s on the 2-core AMX VM); on the 2-core Zen 4 box (VNNI) oneDNN cost 25-33 us a call at one
 row and read cold weights at 14-21 GB/s, the kernel 28-33 GB/s, and 48 rows of the LM head ran 4.2 -> 3.2 ms
-(70m int8-bf16 pass 1.50-1.61 -> 1.24-1.50 s, 160m 3.85-4.47 -> 3.51-3.73 s, same tokens). It keeps its own copy
-of the weights in its tile layout beside oneDNN's (prefill stays on oneDNN, which was 1.3-1.9x faster there than
-the AMX kernel over 64-row chunks), so int8 weights take twice their bytes on such CPUs.
+(70m int8-bf16 pass 1.50-1.61 -> 1.24-1.50 s, 160m 3.85-4.47 -> 3.51-3.73 s, same tokens). With AMX it keeps
+its own copy of the weights in its tile layout beside oneDNN's (prefill stays on oneDNN, which was 1.3-1.9x faster
+there than the AMX kernel over 64-row chunks), so int8 weights take twice their bytes on such CPUs; the VNNI
+version takes prefills too (as fast as oneDNN there), so on VNNI CPUs a layer holds only the kernel's copy.
 
 This module only quantizes, packs and multiplies. The layers (:mod:`neox_ray.layers.linear`) use an int8 weight
 when they have one; the model runner decides to quantize (``quantization="int8"``, CPU, and
@@ -87,7 +88,8 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 @dataclass(frozen=True)
 class Int8Weight:
     """A weight quantized per output channel and packed for oneDNN (and, on AMX or VNNI CPUs, for the decode kernel)."""
-    packed: torch.Tensor         # opaque oneDNN int8 tensor, (in_features, out_features) blocked
+    packed: torch.Tensor | None  # opaque oneDNN int8 tensor, (in_features, out_features) blocked; None when
+    #                              our kernel takes every batch size on this CPU (VNNI) and took this shape
     scales: torch.Tensor         # (out_features,) float32: weight = int8 value * scale
     zero_points: torch.Tensor    # (out_features,) int64 zeros (symmetric); the op wants them as a tensor
     tiles: cpu_int8_gemm.PackedInt8 | None = None  # the same int8 values for our kernel (decode batches)
@@ -100,11 +102,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
 
 
-def pack_int8_weight(weight: torch.Tensor) -> Int8Weight:
+def pack_int8_weight(weight: torch.Tensor, kernel: bool = True) -> Int8Weight:
+    """Quantizes and packs ``weight`` for oneDNN and (``kernel``, where it runs and takes the shape) for our
+    kernel. Where the kernel takes every batch size (VNNI CPUs) the oneDNN copy is not made: int8 weights then
+    take their bytes once."""
     quantized, scales = quantize_weight(weight)
-    packed = torch.ops.onednn.qlinear_prepack(quantized, None)
-    return Int8Weight(packed, scales, torch.zeros(scales.numel(), dtype=torch.int64),
-                      cpu_int8_gemm.pack(quantized, scales))
+    tiles = cpu_int8_gemm.pack(quantized, scales) if kernel else None
+    packed = None if tiles is not None and cpu_int8_gemm.takes_every_batch() else \
+        torch.ops.onednn.qlinear_prepack(quantized, None)
+    return Int8Weight(packed, scales, torch.zeros(scales.numel(), dtype=torch.int64), tiles)
 
 
 def _quantize_fused(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -136,13 +142,18 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None,
     """``activation(x W^T + b)`` in ``output_dtype`` (default ``x``'s dtype), W from :func:`pack_int8_weight`;
     ``activation`` is a ``hidden_act`` name, fused into the GEMM when oneDNN has it, else applied afterwards.
     The GEMM writes ``output_dtype`` itself (float32 logits from bfloat16 activations need no extra pass)."""
+    if x.dim() != 2:
+        return int8_linear(x.reshape(-1, x.shape[-1]), weight, bias, activation,
+                           output_dtype).reshape(*x.shape[:-1], -1)
     quantized, scale, zero_point = quantize_activation(x)
-    if weight.tiles is not None and x.dim() == 2 and x.shape[0] <= cpu_int8_gemm.MAX_ROWS:
+    if weight.tiles is not None and (weight.packed is None or x.shape[0] <= cpu_int8_gemm.MAX_ROWS):
         fused_gelu = activation == "gelu"  # the erf GELU, in the kernel's epilogue; others applied after it
         out = cpu_int8_gemm.multiply(quantized, scale, zero_point, weight.tiles, bias, output_dtype or x.dtype,
                                      gelu=fused_gelu)
         if out is not None:
             return get_activation(activation)(out) if activation and not fused_gelu else out
+    if weight.packed is None:
+        raise RuntimeError("the int8 GEMM kernel refused a batch of a weight it holds the only copy of")
     post_op, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", "")) if activation else ("none", "")
     out = torch.ops.onednn.qlinear_pointwise(quantized, scale, zero_point, weight.packed, weight.scales,
                                              weight.zero_points, bias, 1.0, 0, output_dtype or x.dtype, post_op, [],
@@ -182,8 +193,11 @@ def int8_supported(dtype: torch.dtype = torch.float32) -> bool:
         weight = torch.randn(48, 64, generator=generator)
         bias = torch.randn(48, generator=generator)
         x = torch.randn(5, 64, generator=generator)
-        got = int8_linear(x.to(dtype), pack_int8_weight(weight), bias.to(dtype), "gelu")
         want = F.gelu(F.linear(x, weight, bias))
+        # oneDNN, and our kernel where it runs: a layer may take either (or both) depending on its shape
+        results = [int8_linear(x.to(dtype), pack_int8_weight(weight, kernel=kernel), bias.to(dtype), "gelu")
+                   for kernel in (False, True)]
     except (RuntimeError, AttributeError, NotImplementedError, TypeError):
         return False
-    return got.dtype == dtype and got.shape == want.shape and relative_error(got, want) < SELF_CHECK_TOLERANCE
+    return all(got.dtype == dtype and got.shape == want.shape and relative_error(got, want) < SELF_CHECK_TOLERANCE
+               for got in results)

@@ -49,8 +49,9 @@ class PackableWeight(nn.Module):
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def quantize_for_cpu(self, release_original: bool = True) -> None:
-        """Quantizes ``weight`` to int8 per output channel and packs it for oneDNN; ``release_original`` as in
-        :meth:`pack_for_cpu` (the int8 copy is a quarter of an fp32 weight)."""
+        """Quantizes ``weight`` to int8 per output channel and packs it for oneDNN and/or our int8 kernel
+        (:func:`pack_int8_weight`); ``release_original`` as in :meth:`pack_for_cpu` (the int8 copy is a quarter
+        of an fp32 weight)."""
         self.int8_weight = pack_int8_weight(self.weight)
         if release_original:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
