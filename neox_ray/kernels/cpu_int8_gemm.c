@@ -36,6 +36,17 @@
 #define PREFETCH_TILES 4 /* weight tiles (1 KiB each) requested ahead of the multiply */
 #endif
 
+/* What a build without the instructions exports for a version: not ready, and every call refused. */
+#define UNAVAILABLE_GEMM(NAME)                                                                              \
+int NAME##_ready(void) { return 0; }                                                                        \
+int NAME(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n, const int32_t* column_sums, \
+         const float* weight_scales, const float* bias, float activation_scale, int32_t activation_zero,   \
+         int gelu, void* out, int out_bf16, int num_threads) {                                              \
+    (void)a; (void)m; (void)k; (void)packed; (void)n; (void)column_sums; (void)weight_scales; (void)bias;  \
+    (void)activation_scale; (void)activation_zero; (void)gelu; (void)out; (void)out_bf16; (void)num_threads; \
+    return -1;                                                                                              \
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -179,16 +190,7 @@ int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, 
     return 0;
 }
 #else
-int int8_gemm_amx_ready(void) { return 0; }
-
-int int8_gemm_amx(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
-                  const int32_t* column_sums, const float* weight_scales, const float* bias,
-                  float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
-                  int num_threads) {
-    (void)a; (void)gelu; (void)m; (void)k; (void)packed; (void)n; (void)column_sums; (void)weight_scales; (void)bias;
-    (void)activation_scale; (void)activation_zero; (void)out; (void)out_bf16; (void)num_threads;
-    return -1;
-}
+UNAVAILABLE_GEMM(int8_gemm_amx)
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
@@ -273,16 +275,7 @@ int int8_gemm_vnni(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed,
     return 0;
 }
 #else
-int int8_gemm_vnni_ready(void) { return 0; }
-
-int int8_gemm_vnni(const uint8_t* a, int64_t m, int64_t k, const int8_t* packed, int64_t n,
-                   const int32_t* column_sums, const float* weight_scales, const float* bias,
-                   float activation_scale, int32_t activation_zero, int gelu, void* out, int out_bf16,
-                   int num_threads) {
-    (void)a; (void)gelu; (void)m; (void)k; (void)packed; (void)n; (void)column_sums; (void)weight_scales; (void)bias;
-    (void)activation_scale; (void)activation_zero; (void)out; (void)out_bf16; (void)num_threads;
-    return -1;
-}
+UNAVAILABLE_GEMM(int8_gemm_vnni)
 #endif
 
 

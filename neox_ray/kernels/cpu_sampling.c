@@ -286,20 +286,6 @@ static int64_t draw_token(const float* e, const float* block_mass, int64_t num_b
     return chosen;
 }
 
-/* The mass of the tokens e > value, in double (float partial sums of 64 tokens): a drawn token t is inside the
- * top-p nucleus exactly when this is below the goal (the tokens likelier than t hold less than top_p). */
-static double mass_greater(const float* e, int64_t vocab, float value) {
-    double total = 0.0;
-    for (int64_t start = 0; start < vocab; start += 64) {
-        const int64_t end = start + 64 < vocab ? start + 64 : vocab;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = start; i < end; ++i) sum += e[i] > value ? e[i] : 0.0f;
-        total += sum;
-    }
-    return total;
-}
-
 /* The row's uniform for draw `attempt` >= 1: splitmix64 of the first uniform's bits plus attempt times the
  * golden ratio, 53 bits of it in (0, 1). neox_ray.engine.sampler.derived_uniforms computes the same numbers. */
 static double derived_uniform(double first, int attempt) {
@@ -382,7 +368,9 @@ int sample_rows_f32(const float* logits, int64_t row_stride, int64_t num_rows, i
             if (top_p < 1.0f) {
                 const double goal = (double)top_p * filtered_mass;
                 int attempt = 0;
-                while (chosen >= 0 && !(mass_greater(e, vocab, e[chosen]) < goal)) {
+                /* t is inside the nucleus exactly when the tokens with e > e_t (e >= the next float up)
+                 * hold less than the goal */
+                while (chosen >= 0 && !(mass_at_least(e, vocab, bits_float(float_bits(e[chosen]) + 1)) < goal)) {
                     if (++attempt == TOP_P_DRAWS) {
                         chosen = -1;
                         break;
