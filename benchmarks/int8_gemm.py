@@ -5,10 +5,11 @@ down H x 4H summed as one layer; the LM head 50304 x H alone) and per row count 
 
 - ``fp32``: the engine's path today, oneDNN with a packed fp32 weight (:mod:`neox_ray.layers.cpu_gemm`);
 - ``bf16``: the same with a packed bf16 weight and bf16 activations;
-- ``qlinear``: the engine's int8 path (:func:`neox_ray.layers.cpu_int8.int8_linear`):
+- ``qlinear``: the engine's int8 path (:func:`neox_ray.layers.cpu_int8.int8_linear`): our int8 kernel where
+  the CPU runs it (:mod:`neox_ray.kernels.cpu_int8_gemm`; AMX: up to 64 rows, VNNI: every row count), else
   ``onednn::qlinear_pointwise`` (inductor's x86 int8 path), int8 weight prepacked with per-channel scales,
   the activation quantized per tensor to uint8 (the C quantizer when it builds; the cost included), output
-  fp32; ``qlinear-bf16`` takes and returns bf16 activations;
+  fp32; ``qlinear-bf16`` takes and returns bf16 activations; ``qlinear-onednn`` is oneDNN alone;
 - ``int_mm``: ``torch._int_mm`` int8 x int8 -> int32 with a per-token activation scale, dequantized after;
 - ``dynamic``: ``quantized::linear_dynamic`` (torch.ao dynamic quantization, per-tensor uint8 activation);
 - ``w8``: ``torch._weight_int8pack_mm`` (int8 weight only, fp32 activations; M <= 16 only, it is far slower).
@@ -76,6 +77,7 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor, rows: int) -> dict[str,
     packed16 = pack_weight(weight.bfloat16())
     bias16 = bias.bfloat16()
     engine_weight = pack_int8_weight(weight)
+    onednn_weight = pack_int8_weight(weight, kernel=False)
     zero_points = torch.zeros(out_features, dtype=torch.int64)
     qweight_t = qweight.t().contiguous()
     torch.backends.quantized.engine = "x86"
@@ -91,6 +93,7 @@ def candidates(weight: torch.Tensor, bias: torch.Tensor, rows: int) -> dict[str,
         "bf16": lambda x: packed_linear(x, packed16, bias16),
         "qlinear": lambda x: int8_linear(x, engine_weight, bias),
         "qlinear-bf16": lambda x: int8_linear(x, engine_weight, bias16),
+        "qlinear-onednn": lambda x: int8_linear(x, onednn_weight, bias),
         "int_mm": int_mm,
         "dynamic": lambda x: torch.ops.quantized.linear_dynamic(x, dynamic_packed, False),
         "w8": lambda x: torch._weight_int8pack_mm(x, qweight, scales) + bias,
