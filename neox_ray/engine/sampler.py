@@ -232,9 +232,10 @@ def _draw(logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor)
     if all(r.top_p >= 1.0 for r in rows):
         return _inverse_cdf(filtered_probs(logits, rows), uniforms)
     extra = torch.from_numpy(derived_uniforms(uniforms.squeeze(1).tolist(), TOP_P_DRAWS)).to(uniforms.device)
-    kept = filtered_probs(logits, rows)
-    proposals = _inverse_cdf(filtered_probs(logits, [replace(r, top_p=1.0) for r in rows]),
-                             torch.cat([uniforms, extra[:, :TOP_P_DRAWS - 1]], dim=1))  # (rows, TOP_P_DRAWS)
+    probs = _tempered_probs(logits, rows)
+    proposal_probs = _apply_filters(probs.clone(), [replace(r, top_p=1.0) for r in rows])
+    kept = _apply_filters(probs, rows)
+    proposals = _inverse_cdf(proposal_probs, torch.cat([uniforms, extra[:, :TOP_P_DRAWS - 1]], dim=1))
     accepted = kept.gather(1, proposals) > 0
     accepted[:, 0] |= torch.tensor([r.top_p >= 1.0 for r in rows], device=logits.device)
     tokens = proposals.gather(1, accepted.int().argmax(dim=1, keepdim=True)).squeeze(1)
@@ -254,9 +255,18 @@ def _use_kernel(logits: torch.Tensor) -> bool:
 def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """The distribution non-greedy rows sample from, not renormalized: softmax(logits / temperature) with
     the tokens top-k, top-p and min-p drop set to 0. (rows, vocab) float32."""
-    device, vocab = logits.device, logits.shape[1]
-    temperatures = torch.tensor([r.temperature for r in rows], device=device).unsqueeze(1)
-    probs = (logits / temperatures).softmax(dim=-1)
+    return _apply_filters(_tempered_probs(logits, rows), rows)
+
+
+def _tempered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """softmax(logits / temperature), (rows, vocab) float32."""
+    temperatures = torch.tensor([r.temperature for r in rows], device=logits.device).unsqueeze(1)
+    return (logits / temperatures).softmax(dim=-1)
+
+
+def _apply_filters(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """``probs`` with the tokens top-k, top-p and min-p drop set to 0, in place (returned)."""
+    device, vocab = probs.device, probs.shape[1]
     filtered = [i for i, r in enumerate(rows) if 0 < r.top_k < vocab or r.top_p < 1.0]
     if len(filtered) == len(rows):
         probs = probs.masked_fill_(_dropped_tokens(probs, rows), 0.0)

@@ -2,8 +2,8 @@
  *
  * Per row, over the vocabulary: the maximum logit (one vectorised pass); e_i = exp((x_i - max) / T) and
  * their sum (one vectorised pass, a polynomial exp that needs no libm vector library); then the
- * filters as thresholds on e (top-p only when the rejection test below gives up) (every filter keeps an upper set of the distribution, so the kept tokens
- * are those with e >= the largest threshold): top-k's threshold is the k-th largest e, top-p's the
+ * filters as thresholds on e (top-p's only when the rejection test below gives up; every filter keeps an upper
+ * set of the distribution, so the kept tokens are those with e >= the largest threshold): top-k's threshold is the k-th largest e, top-p's the
  * smallest e of the likeliest tokens whose mass reaches top_p of the top-k mass, min-p's is min_p itself
  * (the likeliest token's e is exactly 1). Both selections are radix descents over the float bit patterns
  * (non-negative floats order like their bits): a histogram of counts and mass over bits 20-29 finds

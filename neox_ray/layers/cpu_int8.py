@@ -92,7 +92,7 @@ class Int8Weight:
     #                              our kernel takes every batch size on this CPU (VNNI) and took this shape
     scales: torch.Tensor         # (out_features,) float32: weight = int8 value * scale
     zero_points: torch.Tensor    # (out_features,) int64 zeros (symmetric); the op wants them as a tensor
-    tiles: cpu_int8_gemm.PackedInt8 | None = None  # the same int8 values for our kernel (decode batches)
+    tiles: cpu_int8_gemm.PackedInt8 | None = None  # the same int8 values for our kernel (AMX: decode batches)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
